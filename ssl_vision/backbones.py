@@ -1,0 +1,105 @@
+"""timm backbone factory: name -> (module, feature dim).
+
+Any timm model name works (``timm.create_model(name, num_classes=0)``); the presets below are the
+short names the configs use. ResNets get the CIFAR-style stem (3x3 stride-1 conv, no max-pool) on
+small images, as the CIFAR references do; ViTs take ``img_size`` and ``patch_size`` from config.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import timm
+import torch
+from torch import nn
+
+from .config import ConfigError
+
+PRESETS = {
+    "resnet18": "resnet18",
+    "resnet18_tiny": "resnet18",  # quarter width: the CPU demo backbone (see PRESET_KWARGS)
+    "resnet50": "resnet50",
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+}
+
+PRESET_KWARGS = {
+    "resnet18_tiny": {"channels": (16, 32, 64, 128)},  # ~16x fewer FLOPs than resnet18
+}
+
+SMALL_IMAGE_MAX = 64  # images of at most this size get the small ResNet stem / small ViT patches
+
+
+def timm_name(name: str) -> str:
+    """Resolve a preset to its timm model name; fail with close matches for an unknown name."""
+    resolved = PRESETS.get(name, name)
+    if resolved not in timm.list_models():
+        known = list(PRESETS) + timm.list_models()
+        close = difflib.get_close_matches(name, known, n=4, cutoff=0.6)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise ConfigError(
+            f"backbone.name: unknown timm model '{name}'{hint} (presets: {', '.join(PRESETS)})"
+        )
+    return resolved
+
+
+def is_vit(model: nn.Module) -> bool:
+    return hasattr(model, "patch_embed") and hasattr(model, "blocks")
+
+
+def resolve_patch_size(patch_size, image_size: int) -> int:
+    if patch_size in (None, "auto"):
+        return 4 if image_size <= SMALL_IMAGE_MAX else (8 if image_size <= 96 else 16)
+    return int(patch_size)
+
+
+def _small_resnet_stem(model: nn.Module) -> None:
+    conv = model.conv1
+    if not isinstance(conv, nn.Conv2d):
+        raise ConfigError("backbone.small_stem: only ResNets with a single-conv stem can take the small-image stem")
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+
+
+def build_backbone(
+    name: str,
+    image_size: int,
+    small_stem="auto",
+    patch_size="auto",
+    kwargs: dict | None = None,
+) -> tuple[nn.Module, int]:
+    """Create a timm backbone without classifier; returns ``(module, feature_dim)``."""
+    model_name = timm_name(name)
+    kwargs = {**PRESET_KWARGS.get(name, {}), **(kwargs or {})}
+    is_vit_name = model_name.startswith(("vit", "deit"))
+    if is_vit_name:
+        patch = resolve_patch_size(patch_size, image_size)
+        if image_size % patch:
+            raise ConfigError(
+                f"backbone.patch_size: image size {image_size} is not divisible by the ViT patch {patch}; "
+                f"choose a patch that divides it (e.g. {', '.join(str(p) for p in (4, 8, 16) if image_size % p == 0)})"
+            )
+        kwargs.update(img_size=image_size, patch_size=patch)
+    model = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
+    if not is_vit(model):
+        use_small = image_size <= SMALL_IMAGE_MAX if small_stem == "auto" else bool(small_stem)
+        if use_small and hasattr(model, "conv1") and hasattr(model, "maxpool"):
+            _small_resnet_stem(model)
+    dim = getattr(model, "num_features", None)
+    if not dim:
+        with torch.no_grad():
+            dim = model.eval()(torch.zeros(1, 3, image_size, image_size)).shape[-1]
+        model.train()
+    return model, int(dim)
+
+
+def backbone_from_config(bcfg, image_size: int) -> tuple[nn.Module, int]:
+    return build_backbone(
+        bcfg.name,
+        image_size,
+        small_stem=bcfg.get("small_stem", "auto"),
+        patch_size=bcfg.get("patch_size", "auto"),
+        kwargs=dict(bcfg.get("kwargs") or {}),
+    )

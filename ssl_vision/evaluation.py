@@ -1,0 +1,147 @@
+"""Offline evaluation of a frozen backbone: feature extraction, linear probe and weighted kNN.
+
+The backbone is put in eval mode (BatchNorm statistics frozen) and run without gradient; a
+checksum of its weights is compared before and after, so a probe can never train the encoder.
+Both probes are deterministic given ``seed``, so re-evaluating a checkpoint reproduces the
+numbers of the run that wrote it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from .distributed import gather_variable
+
+
+def weights_checksum(module: nn.Module) -> str:
+    h = hashlib.sha1()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, loader, transform: nn.Module, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (N, D) float32 on CPU and labels (N,) of every sample in ``loader`` (all ranks)."""
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    try:
+        for images, y, _ in loader:
+            x = transform(images.to(device, non_blocking=True))
+            feats.append(backbone(x).float())
+            labels.append(y.to(device))
+    finally:
+        backbone.train(was_training)
+    f, y = torch.cat(feats), torch.cat(labels)
+    return gather_variable(f).cpu(), gather_variable(y).cpu()
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int = 1) -> float:
+    metric = MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro")
+    return float(metric(logits, labels))
+
+
+def linear_probe(train_x, train_y, val_x, val_y, num_classes: int, epochs: int = 100, lr: float = 0.1,
+                 weight_decay: float = 5e-4, batch_size: int = 256, seed: int = 0) -> dict:
+    """Train a linear classifier on frozen (standardized) features; top-1 / top-5 on validation."""
+    g = torch.Generator().manual_seed(seed)
+    mean, std = train_x.mean(0, keepdim=True), train_x.std(0, keepdim=True).clamp_min(1e-6)
+    tx, vx = (train_x - mean) / std, (val_x - mean) / std
+    head = nn.Linear(tx.shape[1], num_classes)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.01, generator=g)
+        head.bias.zero_()
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    steps_per_epoch = max(1, -(-len(tx) // batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    for _ in range(epochs):
+        order = torch.randperm(len(tx), generator=g)
+        for i in range(0, len(tx), batch_size):
+            idx = order[i : i + batch_size]
+            loss = F.cross_entropy(head(tx[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        logits = head(vx)
+    return {"top1": accuracy(logits, val_y, num_classes, 1), "top5": accuracy(logits, val_y, num_classes, 5)}
+
+
+@torch.no_grad()
+def knn_scores(train_x, train_y, val_x, num_classes: int, k: int = 20, temperature: float = 0.07,
+               chunk: int = 1024) -> torch.Tensor:
+    """Weighted kNN (Wu et al. 2018): cosine similarity, votes weighted by exp(sim / T)."""
+    tx, vx = F.normalize(train_x, dim=1), F.normalize(val_x, dim=1)
+    k = min(k, len(tx))
+    out = []
+    for i in range(0, len(vx), chunk):
+        sim = vx[i : i + chunk] @ tx.T
+        top_sim, top_idx = sim.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(len(sim), num_classes)
+        votes.scatter_add_(1, train_y[top_idx], weights)
+        out.append(votes)
+    return torch.cat(out)
+
+
+def evaluate_features(train_x, train_y, val_x, val_y, num_classes: int, ecfg) -> dict:
+    """Linear probe and kNN metrics from extracted features, keyed as in ``summary.json``."""
+    lin = ecfg.linear
+    res = linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=int(lin.epochs), lr=float(lin.lr),
+                       weight_decay=float(lin.weight_decay), batch_size=int(lin.batch_size), seed=int(ecfg.seed))
+    out = {"linear_probe_top1": res["top1"], "linear_probe_top5": res["top5"]}
+    for k in ecfg.knn.k:
+        scores = knn_scores(train_x, train_y, val_x, num_classes, int(k), float(ecfg.knn.temperature))
+        key = "knn_top1" if int(k) == int(ecfg.knn.k[0]) else f"knn{int(k)}_top1"
+        out[key] = accuracy(scores, val_y, num_classes, 1)
+    return out
+
+
+def evaluate_backbone(backbone: nn.Module, datamodule, transform: nn.Module, ecfg, device="cpu") -> dict:
+    """Extract train/val features with the frozen backbone and run both probes."""
+    before = weights_checksum(backbone)
+    train_loader, val_loader = datamodule.probe_dataloaders(batch_size=int(ecfg.batch_size))
+    transform = transform.to(device)
+    train_x, train_y = extract_features(backbone, train_loader, transform, device)
+    val_x, val_y = extract_features(backbone, val_loader, transform, device)
+    if weights_checksum(backbone) != before:
+        raise RuntimeError("evaluation changed the backbone's weights or BatchNorm statistics")
+    known = train_y >= 0
+    return evaluate_features(train_x[known], train_y[known], val_x, val_y, datamodule.num_classes, ecfg)
+
+
+def load_checkpoint(path) -> dict:
+    """Read a Lightning checkpoint written by ssl-vision (tensors and plain containers only)."""
+    from pathlib import Path
+
+    from .config import ConfigError
+
+    p = Path(str(path)).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"checkpoint: '{p}' does not exist; pass checkpoint=<run dir>/checkpoints/last.ckpt")
+    ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    if "cfg" not in ckpt.get("hyper_parameters", {}):
+        raise ConfigError(f"checkpoint: '{p}' was not written by ssl-vision-train (no config inside)")
+    return ckpt
+
+
+def backbone_from_checkpoint(ckpt: dict) -> tuple[nn.Module, int]:
+    """Rebuild the pre-trained backbone of a checkpoint from its stored config and weights."""
+    from .backbones import backbone_from_config
+
+    cfg = ckpt["hyper_parameters"]["cfg"]
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(cfg)
+    backbone, dim = backbone_from_config(cfg.backbone, int(cfg.data.image_size))
+    state = {k[len("backbone."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
+    backbone.load_state_dict(state)
+    return backbone, dim

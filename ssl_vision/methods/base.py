@@ -1,0 +1,183 @@
+"""SSLMethod: everything the self-supervised methods share.
+
+A method subclass builds its heads in ``__init__`` and implements ``forward_views(views)``, which
+returns a dict with at least ``loss`` and ``feats`` (backbone features of the first view, used by
+the online probe). The base class owns the backbone, the on-device augmentation, the online linear
+probe (detached features, its own parameter group without weight decay), the optimizer and
+warmup-cosine schedule with linear lr scaling by the global batch, and the momentum (EMA) encoder
+machinery used by the MoCo variants.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from ..augment import EvalTransform, build_augment
+from ..backbones import backbone_from_config
+from ..config import ConfigError
+from ..optim import build_optimizer, check_optimizer_config, scaled_lr, split_decay, warmup_cosine
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, last_bn: bool = False,
+        last_bn_affine: bool = True) -> nn.Sequential:
+    """Projection/prediction MLP: (Linear-BN-ReLU) x (layers-1), Linear, optional final BN."""
+    mods: list[nn.Module] = []
+    dim = in_dim
+    for _ in range(layers - 1):
+        mods += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+        dim = hidden_dim
+    mods.append(nn.Linear(dim, out_dim, bias=not last_bn))
+    if last_bn:
+        mods.append(nn.BatchNorm1d(out_dim, affine=last_bn_affine))
+    return nn.Sequential(*mods)
+
+
+def cosine_momentum(step: int, total_steps: int, m0: float) -> float:
+    """EMA momentum from ``m0`` at step 0 to 1 at the last step (BYOL / MoCo v3 schedule)."""
+    if total_steps <= 0:
+        return m0
+    return 1.0 - (1.0 - m0) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update(online: nn.Module, target: nn.Module, momentum: float) -> None:
+    """target = momentum * target + (1 - momentum) * online, parameters only (BN stats stay own)."""
+    for po, pt in zip(online.parameters(), target.parameters()):
+        pt.mul_(momentum).add_(po.detach(), alpha=1.0 - momentum)
+
+
+class SSLMethod(L.LightningModule, abc.ABC):
+    #: backbone families the method works with ("resnet", "vit")
+    backbone_kinds: tuple[str, ...] = ("resnet", "vit")
+
+    def __init__(self, cfg: DictConfig | dict, num_classes: int):
+        super().__init__()
+        cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+        self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True), "num_classes": num_classes})
+        self.cfg = cfg
+        check_optimizer_config(cfg.optimizer)
+        size = int(cfg.data.image_size)
+        self.backbone, self.feat_dim = backbone_from_config(cfg.backbone, size)
+        self.is_vit = hasattr(self.backbone, "blocks")
+        kind = "vit" if self.is_vit else "resnet"
+        if kind not in self.backbone_kinds:
+            raise ConfigError(
+                f"backbone: method '{cfg.method.name}' needs a {' or '.join(self.backbone_kinds)} backbone, "
+                f"got '{cfg.backbone.name}' ({kind}); e.g. backbone=vit_tiny"
+            )
+        mean, std = list(cfg.data.mean), list(cfg.data.std)
+        self.augment = build_augment(cfg.augment, size, mean, std)
+        self.eval_transform = EvalTransform(size, mean, std)
+        self.num_classes = num_classes
+        self.probe = nn.Linear(self.feat_dim, num_classes) if num_classes > 0 else None
+        if self.probe is not None:
+            self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self._momentum_pairs: list[tuple[nn.Module, nn.Module]] = []
+        self._ema_step = -1
+
+    # --- subclass API -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def forward_views(self, views: list[torch.Tensor]) -> dict:
+        """Return ``{"loss": scalar, "feats": (B, feat_dim) backbone features of views[0], ...}``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features of normalized images."""
+        return self.backbone(x)
+
+    # --- momentum encoder machinery ---------------------------------------------------------------
+    def momentum_copy(self, online: nn.Module) -> nn.Module:
+        """An EMA copy of ``online`` (no gradient) that is updated after every optimizer step."""
+        target = copy.deepcopy(online)
+        for p in target.parameters():
+            p.requires_grad_(False)
+        self._momentum_pairs.append((online, target))
+        return target
+
+    @property
+    def momentum(self) -> float:
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        return cosine_momentum(self.global_step if self._trainer is not None else 0, int(total),
+                               float(self.cfg.method.momentum))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # once per optimizer step (global_step advances only on a real step, also under accumulation)
+        if self._momentum_pairs and self.global_step > self._ema_step:
+            m = self.momentum
+            for online, target in self._momentum_pairs:
+                ema_update(online, target, m)
+            self._ema_step = self.global_step
+            self.log("train/momentum", m)
+
+    # --- data path --------------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch, dataloader_idx=0):
+        images, labels, indexes = batch
+        training = self._trainer is not None and self.trainer.training
+        return (self.augment(images) if training else self.eval_transform(images)), labels, indexes
+
+    # --- steps --------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        views, labels, _ = batch
+        out = self.forward_views(views)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
+        if self.probe is not None:
+            known = labels >= 0
+            if known.any():
+                logits = self.probe(out["feats"].detach()[known])
+                probe_loss = F.cross_entropy(logits, labels[known])
+                acc = (logits.argmax(1) == labels[known]).float().mean()
+                self.log("train/probe_loss", probe_loss, on_step=False, on_epoch=True)
+                self.log("train/probe_top1", acc, on_step=False, on_epoch=True)
+                loss = loss + probe_loss
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        if self.probe is None:
+            return
+        images, labels, _ = batch
+        logits = self.probe(self.backbone(images))
+        self.val_top1.update(logits, labels)
+        self.log("val/probe_top1", self.val_top1, on_step=False, on_epoch=True, prog_bar=True)
+
+    # --- optimization -------------------------------------------------------------------------------
+    def global_batch_size(self) -> int:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        accum = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return int(self.cfg.data.batch_size) * world * accum
+
+    def param_groups(self) -> list[dict]:
+        o = self.cfg.optimizer
+        lr = scaled_lr(float(o.lr), self.global_batch_size(), bool(o.get("scale_lr", True)))
+        method_params = nn.ModuleDict({n: m for n, m in self.named_children() if n != "probe"})
+        decay, no_decay = split_decay(method_params, bool(o.get("exclude_bias_norm", True)))
+        groups = [
+            {"name": "decay", "params": decay, "lr": lr, "weight_decay": float(o.weight_decay)},
+            {"name": "no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0, "lars_exclude": True},
+        ]
+        if self.probe is not None:
+            groups.append({"name": "probe", "params": list(self.probe.parameters()),
+                           "lr": float(self.cfg.probe.lr), "weight_decay": 0.0, "lars_exclude": True})
+        return [g for g in groups if g["params"]]
+
+    def configure_optimizers(self):
+        o = self.cfg.optimizer
+        optimizer = build_optimizer(o, self.param_groups())
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = max(1, int(self.trainer.max_epochs or 1))
+        warmup = int(round(float(o.get("warmup_epochs", 0)) * total / epochs))
+        min_ratio = float(o.get("min_lr_ratio", 0.0))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,74 @@
+"""``ssl-vision-probe checkpoint=PATH [data=...]``: linear probe + kNN of a saved run's backbone."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .augment import EvalTransform
+from .config import ConfigError, check_overrides, conf_dir
+from .data import SSLDataModule
+from .evaluation import backbone_from_checkpoint, evaluate_backbone, load_checkpoint
+
+
+def probe_data_config(train_cfg: DictConfig, override: DictConfig | None) -> DictConfig:
+    """The checkpoint's own data config, or ``override`` set to the trained image size."""
+    if override is None:
+        return train_cfg.data
+    data = OmegaConf.create(OmegaConf.to_container(override, resolve=True))
+    size = int(train_cfg.data.image_size)
+    with open_dict(data):
+        data.canvas_size = max(size, round(int(data.canvas_size) * size / int(data.image_size)))
+        data.image_size = size
+    return data
+
+
+def probe(cfg: DictConfig) -> dict:
+    if not cfg.checkpoint:
+        raise ConfigError("checkpoint: not set; usage: ssl-vision-probe checkpoint=<run dir>/checkpoints/last.ckpt")
+    ckpt = load_checkpoint(cfg.checkpoint)
+    train_cfg = OmegaConf.create(ckpt["hyper_parameters"]["cfg"])
+    backbone, _ = backbone_from_checkpoint(ckpt)
+    dcfg = probe_data_config(train_cfg, cfg.get("data"))
+    dm = SSLDataModule(dcfg)
+    dm.setup()
+    if dm.num_classes == 0:
+        raise ConfigError(f"data: '{dcfg.name}' has no labels, so there is nothing to probe; choose labelled data")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    transform = EvalTransform(int(dcfg.image_size), list(train_cfg.data.mean), list(train_cfg.data.std))
+    result = {"checkpoint": str(cfg.checkpoint), "method": train_cfg.method.name,
+              "backbone": train_cfg.backbone.name, "data": dcfg.name}
+    result.update(evaluate_backbone(backbone.to(device), dm, transform, cfg.eval, device))
+    out = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+    if out is not None:
+        (out / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+@hydra.main(config_path=str(conf_dir()), config_name="probe", version_base=None)
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        probe(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    try:
+        check_overrides(sys.argv[1:], "probe")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

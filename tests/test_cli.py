@@ -1,0 +1,83 @@
+"""The command line as a user meets it: error messages, a tiny run end to end, and the probe."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ssl_vision.config import ConfigError, check_overrides
+
+from .conftest import TINY
+
+
+def cli(module, *args, cwd=None):
+    return subprocess.run([sys.executable, "-m", f"ssl_vision.{module}", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+def test_unknown_group_option_lists_valid_choices():
+    with pytest.raises(ConfigError) as e:
+        check_overrides(["backbone=resnet5"], "train")
+    msg = str(e.value)
+    assert "\n" not in msg and "unknown backbone 'resnet5'" in msg
+    for option in ("resnet18", "resnet50", "vit_small"):
+        assert option in msg
+
+
+def test_unknown_key_names_the_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        check_overrides(["trainer.max_epoch=3"], "train")
+    msg = str(e.value)
+    assert "\n" not in msg and "'trainer.max_epoch'" in msg and "did you mean 'max_epochs'" in msg
+
+
+def test_sweep_values_are_checked_each():
+    check_overrides(["-m", "method=simclr", "optimizer.lr=0.1,0.3"], "train")
+    with pytest.raises(ConfigError, match="unknown method 'simclrr'"):
+        check_overrides(["-m", "method=simclr,simclrr"], "train")
+
+
+def test_bad_override_from_the_shell_is_one_line_without_traceback(tmp_path):
+    r = cli("train", "backbone=resnet5", cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown backbone 'resnet5'")
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_setting_found_at_start_up_is_one_line(tmp_path):
+    r = cli("train", "data=imagefolder", f"data.path={tmp_path / 'nope'}", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: data.path: '{tmp_path / 'nope'}' does not exist; "
+                                             "expected a folder with one sub-folder of images per class "
+                                             "(optionally under train/ and val/)"]
+
+
+def test_tiny_run_writes_its_outputs_and_probe_reproduces_it(tmp_path):
+    run = tmp_path / "run"
+    r = cli("train", *TINY, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("method", "backbone", "data", "steps", "train_seconds", "online_probe_top1",
+                "linear_probe_top1", "knn_top1", "random_init_linear_probe_top1"):
+        assert key in summary, key
+    assert summary["method"] == "simclr" and summary["data"] == "synthetic"
+    assert summary["steps"] == 384 // 64  # 512 samples, 25% held out, batch 64, drop_last
+    assert 0.0 <= summary["linear_probe_top1"] <= 1.0
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "metrics.csv").is_file() and (run / "config.yaml").is_file()
+    assert "train/loss_step" in (run / "metrics.csv").read_text().splitlines()[0]
+
+    p = cli("probe", f"checkpoint={run / 'checkpoints' / 'last.ckpt'}", "eval.linear.epochs=5",
+            f"hydra.run.dir={tmp_path / 'probe'}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    probed = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert abs(probed["linear_probe_top1"] - summary["linear_probe_top1"]) < 1e-6
+    assert abs(probed["knn_top1"] - summary["knn_top1"]) < 1e-6
+
+
+def test_probe_without_checkpoint_says_how_to_call_it(tmp_path):
+    r = cli("probe", cwd=tmp_path)
+    assert r.returncode == 2 and "checkpoint: not set" in r.stderr and "Traceback" not in r.stderr

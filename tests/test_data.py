@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssl_vision.config import ConfigError
+from ssl_vision.data import SSLDataModule, load_image, stratified_split
+
+
+def write_png_tree(root, classes=("cat", "dog"), per_class=6, size=(20, 14)):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+
+
+def test_digits_batches_are_uint8_canvases_with_labels_and_indexes(make_cfg):
+    dm = SSLDataModule(make_cfg().data)
+    dm.setup()
+    assert dm.num_classes == 10
+    assert len(dm.pretrain_set) + len(dm.val_set) == 1797
+    images, labels, idx = next(iter(dm.train_dataloader()))
+    size = make_cfg().data.image_size
+    assert images.dtype == torch.uint8 and images.shape == (256, 3, size, size)
+    assert labels.dtype == torch.long and 0 <= labels.min() and labels.max() <= 9
+    assert idx.shape == (256,) and len(set(idx.tolist())) == 256
+
+
+def test_stratified_split_is_seeded_and_per_class():
+    labels = np.repeat(np.arange(4), 10)
+    keep, held = stratified_split(labels, 0.2, seed=1)
+    assert len(held) == 8 and sorted(np.bincount(labels[held])) == [2, 2, 2, 2]
+    assert not set(keep) & set(held) and len(keep) + len(held) == 40
+    assert np.array_equal(held, stratified_split(labels, 0.2, seed=1)[1])
+    assert not np.array_equal(held, stratified_split(labels, 0.2, seed=2)[1])
+
+
+def test_imagefolder_with_held_out_fraction(tmp_path, make_cfg):
+    write_png_tree(tmp_path)
+    cfg = make_cfg("data=imagefolder", f"data.path={tmp_path}", "data.image_size=8", "data.canvas_size=10",
+                   "data.batch_size=4", "data.val_fraction=0.34", "data.num_workers=0")
+    dm = SSLDataModule(cfg.data)
+    dm.setup()
+    assert dm.class_names == ["cat", "dog"] and len(dm.val_set) == 4 and len(dm.pretrain_set) == 8
+    img, label, i = dm.pretrain_set[0]
+    assert img.shape == (3, 10, 10) and img.dtype == torch.uint8 and label in (0, 1)
+
+
+def test_imagefolder_with_train_val_split_folders(tmp_path, make_cfg):
+    write_png_tree(tmp_path / "train", per_class=3)
+    write_png_tree(tmp_path / "val", per_class=2)
+    cfg = make_cfg("data=imagefolder", f"data.path={tmp_path}", "data.batch_size=2", "data.num_workers=0")
+    dm = SSLDataModule(cfg.data)
+    dm.setup()
+    assert len(dm.pretrain_set) == 6 and len(dm.val_set) == 4
+
+
+def test_missing_or_empty_folder_fails_at_start_up_naming_the_path(tmp_path, make_cfg):
+    cfg = make_cfg("data=imagefolder", f"data.path={tmp_path / 'missing'}")
+    with pytest.raises(ConfigError, match="missing' does not exist"):
+        SSLDataModule(cfg.data).setup()
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    cfg = make_cfg("data=imagefolder", f"data.path={tmp_path / 'empty'}")
+    with pytest.raises(ConfigError, match="no images"):
+        SSLDataModule(cfg.data).setup()
+
+
+def test_batch_larger_than_dataset_is_refused(make_cfg):
+    cfg = make_cfg("data=synthetic", "data.batch_size=5000")
+    with pytest.raises(ConfigError, match="data.batch_size: 5000 is larger than the training set"):
+        SSLDataModule(cfg.data).setup()
+
+
+def test_load_image_resizes_shorter_side_and_center_crops(tmp_path):
+    arr = np.zeros((10, 30, 3), dtype=np.uint8)
+    arr[:, 10:20] = 255  # a white band in the middle third
+    Image.fromarray(arr).save(tmp_path / "x.png")
+    out = load_image(tmp_path / "x.png", 10)
+    assert out.shape == (3, 10, 10) and out.dtype == torch.uint8
+    assert out.float().mean() > 240  # the center crop is the white band
