@@ -3,11 +3,33 @@
 CPU-side work is only: decode, resize to a fixed-size uint8 canvas, and hand over
 ``(images_uint8 (B, 3, C, C), labels, indexes)``. All random augmentation happens later, on the
 device, in ``ssl_vision.augment``. Unlabelled samples carry label -1.
+
+Formats (``data.name``; ``data.path`` points at the user's copy, nothing is downloaded):
+
+- ``cifar10`` / ``cifar100``: the python-version batch files (``data_batch_1..5``/``test_batch``,
+  ``train``/``test`` with fine labels), read with a restricted unpickler (numpy arrays and builtins
+  only, so a crafted file cannot run code) and kept in memory.
+- ``stl10``: the binary version (``train_X.bin``, ``train_y.bin``, ``test_*``, ``unlabeled_X.bin``),
+  memory-mapped; pre-training sees train + unlabeled, the probes train / test.
+- ``imagenet``, ``imagenette``, ``imagewoof``: ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG``.
+- ``imagenet100``: the CMC / solo-learn 100-class list (``ssl_vision/resources``) selected from a
+  full ImageNet tree.
+- ``imagefolder``: one sub-folder per class, or (``data.labels=false``) any folder of images for
+  pre-training only (no probes: ``num_classes`` is 0).
+
+Image files are decoded at reduced size where the codec allows it (JPEG draft mode) and resized
+straight to the canvas. A file that cannot be decoded never stops a run: ``ImageFiles`` returns no
+image for it, the loaders' collate function drops it, one warning names it the first time, and
+``SkippedFilesReport`` logs how many were skipped at the end of every epoch.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import multiprocessing as mp
+import os
+import pickle
 from pathlib import Path
 
 import lightning as L
@@ -23,12 +45,15 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
+# --- datasets ---------------------------------------------------------------------------------------
+
+
 class TensorImages(Dataset):
     """In-memory uint8 images ``(N, 3, H, W)`` with integer labels."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1] == 3
-        self.images, self.labels = images, labels.long()
+        self.images, self.labels = images, torch.as_tensor(labels).long()
 
     def __len__(self):
         return len(self.images)
@@ -38,31 +63,166 @@ class TensorImages(Dataset):
 
 
 class ImageFiles(Dataset):
-    """Image files decoded on access to an RGB uint8 ``canvas x canvas`` tensor."""
+    """Image files decoded on access to an RGB uint8 ``canvas x canvas`` tensor.
 
-    def __init__(self, paths: list[Path], labels: list[int], canvas: int):
-        self.paths, self.labels, self.canvas = list(paths), torch.tensor(labels, dtype=torch.long), canvas
+    A file that cannot be decoded yields ``(None, label, i)`` (dropped by ``SkipUnreadable``); the
+    first failure logs one warning naming the file, later epochs skip it without retrying. Flags
+    and the skip counter live in shared memory, created before the loader's workers start, so the
+    count is the same whichever worker met the file.
+    """
+
+    def __init__(self, paths, labels, canvas: int):
+        paths = [os.fsencode(str(p)) for p in paths]
+        # bytes in one numpy array, not a list of Path objects: workers forked from this process do
+        # not touch (and so copy) millions of Python objects' reference counts
+        self.paths = np.array(paths) if paths else np.array([], dtype="S1")
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.canvas = int(canvas)
+        self._bad = mp.RawArray("B", max(1, len(paths)))  # 1: known unreadable (already warned)
+        self._skipped = mp.Value("q", 0)
 
     def __len__(self):
         return len(self.paths)
 
+    def path(self, i: int) -> str:
+        return os.fsdecode(self.paths[i])
+
     def __getitem__(self, i):
-        return load_image(self.paths[i], self.canvas), self.labels[i], i
+        label = self.labels[i]
+        if not self._bad[i]:
+            try:
+                return load_image(self.path(i), self.canvas), label, i
+            except Exception as e:  # a bad file must never end the run
+                self._bad[i] = 1
+                path = self.path(i)
+                reason = _one_line(e).replace(f" {path!r}", "").replace(path, "the file")  # name it once
+                log.warning("skipping unreadable image '%s' (%s)", path, reason)
+        with self._skipped.get_lock():
+            self._skipped.value += 1
+        return None, label, i
+
+    def take_skipped(self) -> int:
+        """Files skipped since the last call (all workers), and reset the count."""
+        with self._skipped.get_lock():
+            n, self._skipped.value = self._skipped.value, 0
+        return int(n)
+
+
+class ImageSubset(Dataset):
+    """A view of ``base``: some of its samples (``indices``) and/or other labels (``labels``)."""
+
+    def __init__(self, base, indices=None, labels=None):
+        self.base = base
+        self.indices = None if indices is None else torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        base_labels = base.labels if self.indices is None else base.labels[self.indices]
+        self.labels = base_labels if labels is None else torch.as_tensor(labels, dtype=torch.long)
+        assert len(self.labels) == len(self)
+
+    def __len__(self):
+        return len(self.base) if self.indices is None else len(self.indices)
+
+    def __getitem__(self, i):
+        image, _, _ = self.base[i if self.indices is None else int(self.indices[i])]
+        return image, self.labels[i], i
+
+
+class ConcatImages(Dataset):
+    """Datasets one after the other, indexes running over the whole (STL-10 train + unlabeled)."""
+
+    def __init__(self, *parts):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.labels = torch.cat([p.labels for p in parts])
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i):
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        image, label, _ = self.parts[k][i - int(self.offsets[k])]
+        return image, label, i
+
+
+class SkipUnreadable:
+    """``collate_fn`` that drops samples whose file could not be decoded (image ``None``).
+
+    A batch can therefore be smaller than the batch size, and empty - ``(0, 3, C, C)`` - when
+    every file in it was unreadable.
+    """
+
+    def __init__(self, canvas: int):
+        self.canvas = int(canvas)
+
+    def __call__(self, batch):
+        good = [b for b in batch if b[0] is not None]
+        if not good:
+            c = self.canvas
+            empty = torch.empty(0, dtype=torch.long)
+            return torch.empty(0, 3, c, c, dtype=torch.uint8), empty, empty.clone()
+        # stacked in numpy: torch.stack would run on intra-op threads, which thrash when the loader
+        # runs in the training process (num_workers=0) on a busy machine
+        images = torch.from_numpy(np.stack([b[0].numpy() for b in good]))
+        labels = torch.tensor([int(b[1]) for b in good], dtype=torch.long)
+        return images, labels, torch.tensor([int(b[2]) for b in good], dtype=torch.long)
+
+
+def _file_datasets(dataset) -> list[ImageFiles]:
+    if isinstance(dataset, ImageFiles):
+        return [dataset]
+    if isinstance(dataset, ImageSubset):
+        return _file_datasets(dataset.base)
+    if isinstance(dataset, ConcatImages):
+        return [f for p in dataset.parts for f in _file_datasets(p)]
+    return []
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# --- decoding ---------------------------------------------------------------------------------------
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> ``L`` or ``RGB`` (16-bit and float scaled, alpha dropped, palette expanded)."""
+    mode = img.mode
+    if mode in ("RGB", "L"):
+        return img
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(img).astype(np.float32)
+        if mode.startswith("I;16") or (mode == "I" and a.size and a.max() > 255):
+            a = a / 257.0  # 16-bit range
+        elif mode == "F" and a.size and a.max() <= 1.0:
+            a = a * 255.0  # float image in [0, 1]
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    if mode in ("LA", "La", "1"):
+        return img.convert("L")
+    if mode in ("P", "PA") and "transparency" in img.info:
+        img = img.convert("RGBA")  # the way PIL wants palette transparency expanded
+    return img.convert("RGB")  # RGBA (alpha dropped, as torchvision / timm loaders do), CMYK, YCbCr, P
 
 
 def load_image(path, canvas: int) -> torch.Tensor:
-    """Decode an image to RGB, resize its shorter side to ``canvas`` and center-crop a square."""
+    """Decode an image to RGB uint8 ``(3, canvas, canvas)``: shorter side resized to ``canvas``,
+    center square crop. JPEGs are decoded at a reduced scale (DCT scaling, ``draft``) when they
+    are at least twice the canvas; the resize reads only the central square."""
     with Image.open(path) as img:
-        img.draft("RGB", (canvas, canvas))  # JPEG: decode at reduced size when much larger
-        img = img.convert("RGB")
+        img.draft("RGB", (canvas, canvas))  # JPEG only (no-op otherwise); keeps both sides >= canvas
+        img = _to_8bit(img)
         w, h = img.size
-        scale = canvas / min(w, h)
-        nw, nh = max(canvas, round(w * scale)), max(canvas, round(h * scale))
-        img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
-        left, top = (nw - canvas) // 2, (nh - canvas) // 2
-        img = img.crop((left, top, left + canvas, top + canvas))
+        s = min(w, h)
+        box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+        img = img.resize((canvas, canvas), Image.BILINEAR, box=box, reducing_gap=3.0)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
         arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    # HWC -> CHW in numpy: a torch copy here would start intra-op threads for every image, which
+    # made the single-process loader (num_workers=0) 3x slower on a busy 2-core machine
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+# --- helpers ------------------------------------------------------------------------------------------
 
 
 def stratified_split(labels, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,14 +238,107 @@ def stratified_split(labels, fraction: float, seed: int) -> tuple[np.ndarray, np
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
 
 
-def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize a uint8 batch (N, C, H, W) to ``size`` with antialiasing; grayscale becomes RGB."""
-    x = images.float()
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-    return x.round().clamp_(0, 255).to(torch.uint8).contiguous()
+def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """Resize a uint8 batch (N, C, H, W) to ``size`` with antialiasing; grayscale becomes RGB.
+    Works ``chunk`` images at a time, so a large dataset never exists in float32 all at once."""
+    if images.shape[1] == 3 and images.shape[-2:] == (size, size):
+        return images
+    out = []
+    for i in range(0, len(images), chunk):
+        x = images[i : i + chunk].float()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+        out.append(x.round().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out).contiguous() if out else images.new_empty(0, 3, size, size)
+
+
+def list_images(folder) -> list[str]:
+    """Image files (by suffix) anywhere under ``folder``, sorted; hidden files and folders are ignored
+    (e.g. macOS ``._x.jpg``); symlinked folders are followed once."""
+    out, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        out += [os.path.join(dirpath, f) for f in filenames
+                if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
+    return sorted(out)
+
+
+def _class_dirs(root: Path) -> list[str]:
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def class_folder_samples(root: Path, classes=None) -> tuple[list[str], list[int], list[str]]:
+    """A class-per-folder tree: ``root/<class>/**/<image>`` (only ``classes`` if given)."""
+    classes = _class_dirs(root) if classes is None else list(classes)
+    paths, labels = [], []
+    for c, name in enumerate(classes):
+        files = list_images(root / name)
+        paths += files
+        labels += [c] * len(files)
+    return paths, labels, classes
+
+
+def _check_folder(root: Path, what: str) -> None:
+    if not root.exists():
+        raise ConfigError(f"data.path: '{root}' does not exist; expected {what}")
+    if not root.is_dir():
+        raise ConfigError(f"data.path: '{root}' is not a folder; expected {what}")
+
+
+def _root(cfg, what: str) -> Path:
+    if not cfg.get("path"):
+        raise ConfigError(f"data.path: not set; data={cfg.name} needs data.path=<{what}>")
+    root = Path(str(cfg.path)).expanduser()
+    _check_folder(root, what)
+    return root
+
+
+# --- restricted unpickling (CIFAR) ----------------------------------------------------------------
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what the CIFAR python batches contain: builtins (dict, list, bytes, int, ...) and
+    numpy uint8 arrays. Any other global - ``os.system``, ``builtins.eval``, a class - is refused
+    before it can be called."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
+        ("_codecs", "encode"),  # bytes pickled by Python 3 at protocol 2
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise _Refused(f"it references {module}.{name}, which a CIFAR batch never contains")
+        if module.startswith("numpy.core") and int(np.__version__.split(".")[0]) >= 2:
+            module = "numpy._core" + module[len("numpy.core"):]
+        return getattr(importlib.import_module(module), name)
+
+    def persistent_load(self, pid):
+        raise _Refused("it uses persistent ids, which a CIFAR batch never contains")
+
+
+def safe_unpickle(path):
+    """Load a CIFAR-style pickle with ``_CifarUnpickler``; any problem is a one-line ``ConfigError``."""
+    try:
+        with open(path, "rb") as f:
+            return _CifarUnpickler(f, encoding="bytes").load()
+    except _Refused as e:
+        raise ConfigError(f"data.path: refusing to load '{path}': {e} (nothing in it was run)") from None
+    except Exception as e:
+        raise ConfigError(f"data.path: '{path}' is not a readable CIFAR pickle ({_one_line(e)})") from None
 
 
 # --- dataset builders: each returns (pretrain, probe_train, val, class_names) ---------------------
@@ -127,38 +380,18 @@ def _synthetic(cfg):
     return train, train, val, [str(i) for i in range(cfg.num_classes)]
 
 
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
-def class_folder_samples(root: Path) -> tuple[list[Path], list[int], list[str]]:
-    """A class-per-folder tree: ``root/<class>/**/<image>``."""
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    paths, labels = [], []
-    for c, name in enumerate(classes):
-        files = list_images(root / name)
-        paths += files
-        labels += [c] * len(files)
-    return paths, labels, classes
-
-
-def _check_folder(root: Path, what: str) -> None:
-    if not root.exists():
-        raise ConfigError(f"data.path: '{root}' does not exist; expected {what}")
-    if not root.is_dir():
-        raise ConfigError(f"data.path: '{root}' is not a folder; expected {what}")
-
-
-def _imagefolder(cfg):
+def _labelled_folder(cfg):
+    what = "a folder with one sub-folder of images per class (optionally under train/ and val/)"
     if not cfg.path:
         raise ConfigError("data.path: not set; data=imagefolder needs data.path=/path/to/images")
     root = Path(str(cfg.path)).expanduser()
-    what = "a folder with one sub-folder of images per class (optionally under train/ and val/)"
     _check_folder(root, what)
     split = (root / "train").is_dir() and (root / "val").is_dir()
     tr_paths, tr_labels, classes = class_folder_samples(root / "train" if split else root)
     if not tr_paths:
-        raise ConfigError(f"data.path: no images (.jpg/.png/...) found under '{root}'; expected {what}")
+        hint = ("; for a folder of images without class sub-folders set data.labels=false"
+                if list_images(root) else "")
+        raise ConfigError(f"data.path: no images (.jpg/.png/...) found under '{root}'; expected {what}{hint}")
     if split:
         va_paths, va_labels, va_classes = class_folder_samples(root / "val")
         if va_classes != classes:
@@ -172,11 +405,176 @@ def _imagefolder(cfg):
     return train, train, val, classes
 
 
-BUILDERS = {"digits": _digits, "synthetic": _synthetic, "imagefolder": _imagefolder}
+def _unlabelled_folder(cfg):
+    """``data.labels=false``: every image under ``data.path`` (flat or nested) pre-trains; no probes."""
+    what = "a folder of images (flat or nested; data.labels=false)"
+    root = _root(cfg, what)
+    paths = list_images(root)
+    if not paths:
+        raise ConfigError(f"data.path: no images (.jpg/.png/...) found under '{root}'; expected {what}")
+    return ImageFiles(paths, [-1] * len(paths), cfg.canvas_size), None, None, []
+
+
+def _imagefolder(cfg):
+    return _labelled_folder(cfg) if cfg.get("labels", True) else _unlabelled_folder(cfg)
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR = {
+    "cifar10": dict(title="CIFAR-10", folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)],
+                    test=["test_batch"], label_key="labels", meta="batches.meta", names_key="label_names",
+                    num_classes=10),
+    "cifar100": dict(title="CIFAR-100", folder="cifar-100-python", train=["train"], test=["test"],
+                     label_key="fine_labels", meta="meta", names_key="fine_label_names", num_classes=100),
+}
+
+
+def _str_keys(d: dict) -> dict:
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+
+
+def _read_cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    d = safe_unpickle(path)
+    d = _str_keys(d) if isinstance(d, dict) else {}
+    if "data" not in d or label_key not in d:
+        raise ConfigError(f"data.path: '{path}' is not a CIFAR batch; expected a dict with 'data' and '{label_key}'")
+    data, labels = np.asarray(d["data"]), np.asarray(d[label_key])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise ConfigError(f"data.path: '{path}' is not a CIFAR batch; expected uint8 'data' (N, 3072) and N labels")
+    labels = labels.astype(np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ConfigError(f"data.path: '{path}' has labels outside 0..{num_classes - 1}")
+    return data.reshape(-1, 3, 32, 32), labels  # rows: 1024 red, 1024 green, 1024 blue, each row-major
+
+
+def _cifar(cfg, variant: str):
+    spec = CIFAR[variant]
+    files = spec["train"] + spec["test"]
+    what = f"the {spec['title']} python version ({spec['folder']}/ with {', '.join(files)})"
+    root = _root(cfg, what)
+    if (root / spec["folder"]).is_dir():
+        root = root / spec["folder"]
+    missing = [f for f in files if not (root / f).is_file()]
+    if missing:
+        raise ConfigError(f"data.path: '{root}' has no {', '.join(missing)}; expected {what}")
+
+    def read(names):
+        parts = [_read_cifar_batch(root / n, spec["label_key"], spec["num_classes"]) for n in names]
+        images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+        return TensorImages(resize_uint8(images, cfg.canvas_size), torch.from_numpy(np.concatenate([p[1] for p in parts])))
+
+    train, test = read(spec["train"]), read(spec["test"])
+    names = CIFAR10_CLASSES if variant == "cifar10" else [str(i) for i in range(spec["num_classes"])]
+    if (root / spec["meta"]).is_file():
+        meta = safe_unpickle(root / spec["meta"])
+        meta = _str_keys(meta) if isinstance(meta, dict) else {}
+        found = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(spec["names_key"], [])]
+        names = found if len(found) == spec["num_classes"] else names
+    return train, train, test, names
+
+
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+STL10_FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin")
+_STL_BYTES = 3 * 96 * 96
+
+
+def _stl_images(path: Path, canvas: int) -> torch.Tensor:
+    size = path.stat().st_size
+    if size == 0 or size % _STL_BYTES:
+        raise ConfigError(f"data.path: '{path}' is {size} bytes, not a whole number of 3x96x96 STL-10 images")
+    # memory-mapped (copy-on-write: never written back); each image is stored column-major per channel
+    arr = np.memmap(path, dtype=np.uint8, mode="c", shape=(size // _STL_BYTES, 3, 96, 96))
+    return resize_uint8(torch.from_numpy(arr).transpose(2, 3), canvas)
+
+
+def _stl_labels(path: Path, n: int) -> torch.Tensor:
+    y = np.fromfile(path, dtype=np.uint8).astype(np.int64) - 1  # stored 1..10
+    if len(y) != n or (n and (y.min() < 0 or y.max() > 9)):
+        raise ConfigError(f"data.path: '{path}' should hold {n} labels in 1..10 (one byte each), got {len(y)} bytes")
+    return torch.from_numpy(y)
+
+
+def _stl10(cfg):
+    what = f"the STL-10 binary version (stl10_binary/ with {', '.join(STL10_FILES)})"
+    root = _root(cfg, what)
+    if (root / "stl10_binary").is_dir():
+        root = root / "stl10_binary"
+    missing = [f for f in STL10_FILES if not (root / f).is_file()]
+    if missing:
+        raise ConfigError(f"data.path: '{root}' has no {', '.join(missing)}; expected {what}")
+    c = cfg.canvas_size
+    tr_x, te_x = _stl_images(root / "train_X.bin", c), _stl_images(root / "test_X.bin", c)
+    train = TensorImages(tr_x, _stl_labels(root / "train_y.bin", len(tr_x)))
+    test = TensorImages(te_x, _stl_labels(root / "test_y.bin", len(te_x)))
+    unl_x = _stl_images(root / "unlabeled_X.bin", c)
+    unlabeled = TensorImages(unl_x, torch.full((len(unl_x),), -1, dtype=torch.long))
+    names = STL10_CLASSES
+    if (root / "class_names.txt").is_file():
+        found = [ln.strip() for ln in (root / "class_names.txt").read_text().splitlines() if ln.strip()]
+        names = found if len(found) == 10 else names
+    return ConcatImages(train, unlabeled), train, test, names
+
+
+def imagenet100_classes() -> list[str]:
+    """The 100 ImageNet classes (wnids) of CMC / solo-learn's ImageNet-100, as shipped in the package."""
+    from importlib.resources import files
+
+    text = files("ssl_vision.resources").joinpath("imagenet100_classes.txt").read_text()
+    return [w.strip() for w in text.split() if w.strip()]
+
+
+def _split_tree(cfg, title: str, classes=None):
+    """``root/train/<wnid>/*`` and ``root/val/<wnid>/*`` (ImageNet, ImageNet-100, Imagenette, Imagewoof)."""
+    what = f"the {title} folder with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
+    root = _root(cfg, what)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise ConfigError(f"data.path: '{root}' has no {split}/ folder; expected {what}")
+    if classes is None:
+        classes = _class_dirs(root / "train")
+    for split in ("train", "val"):
+        present = set(_class_dirs(root / split))
+        if split == "val" and not present and list_images(root / split):
+            raise ConfigError(f"data.path: '{root / split}' holds images but no class folders; expected {what} "
+                              "(sort the validation images into val/<wnid>/, e.g. with ImageNet's valprep.sh)")
+        lost = [c for c in classes if c not in present]
+        if lost:
+            raise ConfigError(f"data.path: {len(lost)} of the {len(classes)} {title} classes are missing under "
+                              f"'{root / split}' (e.g. {', '.join(lost[:3])}); expected {what}")
+    tr_paths, tr_labels, _ = class_folder_samples(root / "train", classes)
+    va_paths, va_labels, _ = class_folder_samples(root / "val", classes)
+    for split, paths in (("train", tr_paths), ("val", va_paths)):
+        if not paths:
+            raise ConfigError(f"data.path: no images (.JPEG/.png/...) found under '{root / split}'; expected {what}")
+    train = ImageFiles(tr_paths, tr_labels, cfg.canvas_size)
+    return train, train, ImageFiles(va_paths, va_labels, cfg.canvas_size), list(classes)
+
+
+BUILDERS = {
+    "digits": _digits,
+    "synthetic": _synthetic,
+    "imagefolder": _imagefolder,
+    "cifar10": lambda cfg: _cifar(cfg, "cifar10"),
+    "cifar100": lambda cfg: _cifar(cfg, "cifar100"),
+    "stl10": _stl10,
+    "imagenet": lambda cfg: _split_tree(cfg, "ImageNet"),
+    "imagenet100": lambda cfg: _split_tree(cfg, "ImageNet-100", imagenet100_classes()),
+    "imagenette": lambda cfg: _split_tree(cfg, "Imagenette"),
+    "imagewoof": lambda cfg: _split_tree(cfg, "Imagewoof"),
+}
+
+
+# --- the DataModule -------------------------------------------------------------------------------
 
 
 class SSLDataModule(L.LightningDataModule):
-    """Pre-training loader (shuffled, drop_last) plus labelled probe-train and validation sets."""
+    """Pre-training loader (shuffled, drop_last) plus labelled probe-train and validation sets.
+
+    ``data.label_fraction`` (e.g. 0.01 or 0.1) keeps a stratified, seeded fraction of the labels for
+    the probes (semi-supervised protocol); pre-training still sees every image, and the online probe
+    only the kept labels. Unlabelled data (``data.labels=false``) has ``num_classes == 0`` and no
+    validation loader.
+    """
 
     def __init__(self, cfg):
         super().__init__()
@@ -190,11 +588,36 @@ class SSLDataModule(L.LightningDataModule):
         if self.pretrain_set is not None:
             return
         self.pretrain_set, self.probe_train_set, self.val_set, self.class_names = BUILDERS[self.cfg.name](self.cfg)
+        self._apply_label_fraction()
         n, bs = len(self.pretrain_set), self.cfg.batch_size
         if bs > n:
             raise ConfigError(
                 f"data.batch_size: {bs} is larger than the training set ({n} images); use at most {n}"
             )
+
+    def _apply_label_fraction(self) -> None:
+        fraction = self.cfg.get("label_fraction")
+        if fraction is None:
+            return
+        fraction = float(fraction)
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"data.label_fraction: {fraction} is not in (0, 1]; e.g. 0.01 or 0.1 (null: all labels)")
+        if self.num_classes == 0:
+            raise ConfigError("data.label_fraction: the data has no labels (data.labels=false); leave it null")
+        if fraction == 1:
+            return
+        labels = self.probe_train_set.labels.numpy()
+        known = np.flatnonzero(labels >= 0)
+        _, held = stratified_split(labels[known], fraction, int(self.cfg.seed))
+        keep = known[held]
+        probe = self.probe_train_set
+        self.probe_train_set = ImageSubset(probe, keep)
+        if self.pretrain_set is probe:  # the online probe sees only the kept labels too
+            masked = torch.full_like(probe.labels, -1)
+            masked[keep] = probe.labels[keep]
+            self.pretrain_set = ImageSubset(probe, labels=masked)
+        log.info("data.label_fraction=%g: the probes use %d of %d labelled images (stratified, seed %d)",
+                 fraction, len(keep), len(known), int(self.cfg.seed))
 
     @property
     def num_classes(self) -> int:
@@ -208,6 +631,7 @@ class SSLDataModule(L.LightningDataModule):
             shuffle=shuffle,
             drop_last=drop_last,
             num_workers=workers,
+            collate_fn=SkipUnreadable(self.cfg.canvas_size),
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
         )
@@ -216,11 +640,55 @@ class SSLDataModule(L.LightningDataModule):
         return self._loader(self.pretrain_set, shuffle=True, drop_last=True)
 
     def val_dataloader(self):
+        if self.val_set is None:  # unlabelled data: nothing to validate the online probe on
+            return []
         return self._loader(self.val_set, shuffle=False, drop_last=False)
 
     def probe_dataloaders(self, batch_size=None):
         """(probe-train, validation) loaders in a fixed order, for offline evaluation."""
+        if self.probe_train_set is None or self.val_set is None:
+            raise ConfigError(f"data: '{self.cfg.name}' has no labels (data.labels=false), so there is nothing to probe")
         return (
             self._loader(self.probe_train_set, shuffle=False, drop_last=False, batch_size=batch_size),
             self._loader(self.val_set, shuffle=False, drop_last=False, batch_size=batch_size),
         )
+
+    # --- unreadable files -------------------------------------------------------------------------
+    def take_skipped(self) -> int:
+        """Unreadable files skipped (over all sets and workers of this process) since the last call."""
+        sets = [self.pretrain_set, self.probe_train_set, self.val_set]
+        files = {id(f): f for s in sets if s is not None for f in _file_datasets(s)}
+        return sum(f.take_skipped() for f in files.values())
+
+    def report_skipped(self, when: str = "this epoch") -> int:
+        """Log ``skipped N unreadable files <when>`` if any were skipped since the last call."""
+        n = self.take_skipped()
+        if n:
+            log.warning("skipped %d unreadable files %s", n, when)
+        return n
+
+
+class SkippedFilesReport(L.Callback):
+    """Logs ``skipped N unreadable files this epoch`` (summed over ranks and workers) after every
+    training epoch, validation included. Add it to the Trainer: ``callbacks=[SkippedFilesReport()]``;
+    it reads ``trainer.datamodule`` (an ``SSLDataModule``) and does nothing otherwise."""
+
+    @staticmethod
+    def _count(trainer, pl_module) -> int:
+        dm = getattr(trainer, "datamodule", None)
+        n = dm.take_skipped() if isinstance(dm, SSLDataModule) else 0
+        if trainer.world_size > 1:
+            total = trainer.strategy.reduce(torch.tensor(float(n), device=pl_module.device), reduce_op="sum")
+            n = int(round(float(total)))
+        return n
+
+    def _report(self, trainer, pl_module, when: str) -> None:
+        n = self._count(trainer, pl_module)
+        if n and trainer.is_global_zero:
+            log.warning("skipped %d unreadable files %s", n, when)
+
+    def on_train_start(self, trainer, pl_module):
+        self._report(trainer, pl_module, "before training")  # e.g. a random-init baseline probe
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._report(trainer, pl_module, f"this epoch (epoch {trainer.current_epoch})")
