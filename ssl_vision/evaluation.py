@@ -26,21 +26,40 @@ def weights_checksum(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def shard(loader):
+    """This rank's strided share of a loader's dataset (every sample exactly once over all ranks)."""
+    from torch.utils.data import DataLoader, Subset
+
+    from .distributed import rank, world_size
+
+    if world_size() == 1:
+        return loader
+    subset = Subset(loader.dataset, range(rank(), len(loader.dataset), world_size()))
+    return DataLoader(subset, batch_size=loader.batch_size, shuffle=False, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
+
+
 @torch.no_grad()
 def extract_features(backbone: nn.Module, loader, transform: nn.Module, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (N, D) float32 on CPU and labels (N,) of every sample in ``loader`` (all ranks)."""
+    """Features (N, D) float32 on CPU and labels (N,) of every sample of ``loader``'s dataset.
+
+    Under DDP each rank embeds its share; the shares are gathered and put back in dataset order,
+    so the result (and every probe on it) is the same for any number of ranks.
+    """
     was_training = backbone.training
     backbone.eval()
-    feats, labels = [], []
+    feats, labels, indexes = [], [], []
     try:
-        for images, y, _ in loader:
+        for images, y, idx in shard(loader):
             x = transform(images.to(device, non_blocking=True))
             feats.append(backbone(x).float())
             labels.append(y.to(device))
+            indexes.append(idx.to(device))
     finally:
         backbone.train(was_training)
-    f, y = torch.cat(feats), torch.cat(labels)
-    return gather_variable(f).cpu(), gather_variable(y).cpu()
+    f, y, i = (gather_variable(torch.cat(t)).cpu() for t in (feats, labels, indexes))
+    order = i.argsort()
+    return f[order], y[order]
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int = 1) -> float:
