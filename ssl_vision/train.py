@@ -6,22 +6,27 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
+from .callbacks import AtomicCheckpointIO, LastCheckpoint, Throughput
 from .config import ConfigError, check_overrides, conf_dir
-from .data import SSLDataModule
-from .evaluation import evaluate_backbone
+from .data import SkippedFilesReport, SSLDataModule
+from .evaluation import evaluate_backbone, load_checkpoint
 from .methods import build_method
 
 log = logging.getLogger("ssl_vision")
+
+for _pattern in (".*overridden `on_after_batch_transfer`.*", ".*litlogger.*", ".*exists and is not empty.*",
+                 ".*LeafSpec.*", ".*does not have many workers.*"):
+    warnings.filterwarnings("ignore", message=_pattern)
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -30,52 +35,98 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.get("run_dir") or "outputs/run")
 
 
-def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
+def resume_path(cfg: DictConfig, out: Path) -> Path | None:
+    """``resume=auto``: the run directory's last.ckpt if there is one; ``resume=PATH``; ``resume=null``."""
+    choice = cfg.get("resume", "auto")
+    if choice in (None, False, "none", "null"):
+        return None
+    path = out / "checkpoints" / "last.ckpt" if choice == "auto" else Path(str(choice)).expanduser()
+    if choice != "auto" and not path.is_file():
+        raise ConfigError(f"resume: checkpoint '{path}' does not exist")
+    if not path.is_file():
+        return None
+    stored = load_checkpoint(path)["hyper_parameters"]["cfg"]
+    for key in ("method", "backbone"):
+        if stored[key]["name"] != cfg[key].name:
+            raise ConfigError(
+                f"resume: checkpoint '{path}' was trained with {key} '{stored[key]['name']}', but this config "
+                f"has {key} '{cfg[key].name}'; use {key}={stored[key]['name']} or a new run directory"
+            )
+    return path
+
+
+def build_trainer(cfg: DictConfig, out: Path, labelled: bool = True) -> tuple[L.Trainer, Throughput]:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0)
-    return L.Trainer(**kwargs, default_root_dir=str(out), logger=CSVLogger(str(out), name="", version=""),
-                     callbacks=[checkpoint])
+    on_gpu = kwargs.get("accelerator") in ("gpu", "cuda") or (kwargs.get("accelerator") == "auto"
+                                                               and torch.cuda.is_available())
+    if kwargs.get("sync_batchnorm") and not on_gpu:
+        # torch implements SyncBatchNorm for GPUs only; CPU ranks keep per-rank batch statistics
+        log.warning("trainer.sync_batchnorm: SyncBatchNorm needs GPUs; on CPU each rank uses its own batch statistics")
+        kwargs["sync_batchnorm"] = False
+    if not labelled:
+        kwargs["limit_val_batches"] = 0  # no labels: nothing to validate the online probe on
+    throughput = Throughput()
+    callbacks = [LastCheckpoint(out / "checkpoints", every_n_steps=cfg.checkpoint.every_n_steps), throughput,
+                 SkippedFilesReport()]
+    trainer = L.Trainer(**kwargs, default_root_dir=str(out), logger=CSVLogger(str(out), name="", version=""),
+                        callbacks=callbacks, enable_checkpointing=False, plugins=[AtomicCheckpointIO()])
+    return trainer, throughput
 
 
 def run(cfg: DictConfig) -> dict:
     """Pre-train with ``cfg``, evaluate the backbone, write ``summary.json``; return the summary."""
     out = run_dir_of(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resume_path(cfg, out)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     dm = SSLDataModule(cfg.data)
     dm.setup()
     model = build_method(cfg, dm.num_classes)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    trainer, throughput = build_trainer(cfg, out, labelled=dm.num_classes > 0)
+    if trainer.is_global_zero:
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     summary: dict = {
         "method": cfg.method.name, "backbone": cfg.backbone.name, "data": cfg.data.name,
         "image_size": int(cfg.data.image_size), "batch_size": int(cfg.data.batch_size),
-        "epochs": int(cfg.trainer.max_epochs),
+        "epochs": int(cfg.trainer.max_epochs), "world_size": int(trainer.world_size),
     }
+    if HydraConfig.initialized():
+        summary["overrides"] = list(HydraConfig.get().overrides.task)
     evaluate = bool(cfg.eval.enabled) and dm.num_classes > 0
-    if evaluate and cfg.eval.random_init_baseline:
-        base = evaluate_backbone(model.backbone, dm, model.eval_transform, cfg.eval)
+    if evaluate and cfg.eval.random_init_baseline and ckpt_path is None:
+        base = evaluate_backbone(model.backbone, dm, model.eval_transform, cfg.eval, model.device)
         summary["random_init_linear_probe_top1"] = base["linear_probe_top1"]
         summary["random_init_knn_top1"] = base["knn_top1"]
         log.info("random-init backbone: linear top-1 %.4f, kNN top-1 %.4f", base["linear_probe_top1"], base["knn_top1"])
+    if ckpt_path is not None:
+        log.info("resuming from %s", ckpt_path)
 
-    trainer = build_trainer(cfg, out)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
+    try:
+        trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except FloatingPointError as e:
+        last = out / "checkpoints" / "last.ckpt"
+        kept = f"; the last good checkpoint is {last}" if last.is_file() else "; no checkpoint was written yet"
+        raise TrainingFailed(f"{e}{kept}") from None
     summary["train_seconds"] = round(time.perf_counter() - start, 2)
     summary["steps"] = int(trainer.global_step)
+    summary["train_images_per_second"] = throughput.images_per_second
     probe_acc = trainer.callback_metrics.get("val/probe_top1")
     summary["online_probe_top1"] = float(probe_acc) if probe_acc is not None else None
-    if trainer.is_global_zero:
-        summary["checkpoint"] = str(out / "checkpoints" / "last.ckpt")
+    summary["checkpoint"] = str(out / "checkpoints" / "last.ckpt")
     if evaluate:
-        device = model.device
-        summary.update(evaluate_backbone(model.backbone, dm, model.eval_transform, cfg.eval, device))
+        summary.update(evaluate_backbone(model.backbone, dm, model.eval_transform, cfg.eval, model.device))
+        dm.report_skipped("during evaluation")
     elif dm.num_classes == 0:
         log.warning("the data has no labels: linear probe and kNN were skipped")
     if trainer.is_global_zero:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps(summary, indent=2))
     return summary
+
+
+class TrainingFailed(RuntimeError):
+    """Training stopped (e.g. a non-finite loss); the message says why and what was kept."""
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="train", version_base=None)
@@ -85,6 +136,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:

@@ -27,7 +27,8 @@ def test_views_have_configured_shape_dtype_and_range(make_cfg):
 
 
 def test_simclr_defaults_follow_the_paper(make_cfg):
-    v = make_cfg().augment.all_views
+    assert list(make_cfg().augment.all_views.crop_scale) == [0.4, 1.0]  # digits: 8x8 images, larger crops
+    v = make_cfg("data=synthetic").augment.all_views
     assert list(v.crop_scale) == [0.08, 1.0] and v.jitter_prob == 0.8 and v.grayscale_prob == 0.2
     assert (v.brightness, v.contrast, v.saturation, v.hue) == (0.8, 0.8, 0.8, 0.2)
     assert v.blur_prob == 0.5 and v.blur_min_size == 96

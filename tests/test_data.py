@@ -22,9 +22,10 @@ def test_digits_batches_are_uint8_canvases_with_labels_and_indexes(make_cfg):
     assert len(dm.pretrain_set) + len(dm.val_set) == 1797
     images, labels, idx = next(iter(dm.train_dataloader()))
     size = make_cfg().data.image_size
-    assert images.dtype == torch.uint8 and images.shape == (256, 3, size, size)
+    bs = make_cfg().data.batch_size
+    assert images.dtype == torch.uint8 and images.shape == (bs, 3, size, size)
     assert labels.dtype == torch.long and 0 <= labels.min() and labels.max() <= 9
-    assert idx.shape == (256,) and len(set(idx.tolist())) == 256
+    assert idx.shape == (bs,) and len(set(idx.tolist())) == bs
 
 
 def test_stratified_split_is_seeded_and_per_class():

@@ -108,6 +108,10 @@ class SSLMethod(L.LightningModule, abc.ABC):
         return cosine_momentum(self.global_step if self._trainer is not None else 0, int(total),
                                float(self.cfg.method.momentum))
 
+    def on_train_start(self):
+        # the EMA follows optimizer steps from here (also when resuming: no update before the next step)
+        self._ema_step = self.global_step
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
         # once per optimizer step (global_step advances only on a real step, also under accumulation)
         if self._momentum_pairs and self.global_step > self._ema_step:
@@ -126,6 +130,8 @@ class SSLMethod(L.LightningModule, abc.ABC):
     # --- steps --------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         views, labels, _ = batch
+        if len(labels) < 2:  # every image of the batch was unreadable (skipped by the loader)
+            return None
         out = self.forward_views(views)
         loss = out["loss"]
         if not torch.isfinite(loss):
@@ -150,6 +156,33 @@ class SSLMethod(L.LightningModule, abc.ABC):
         logits = self.probe(self.backbone(images))
         self.val_top1.update(logits, labels)
         self.log("val/probe_top1", self.val_top1, on_step=False, on_epoch=True, prog_bar=True)
+
+    # --- checkpoint extras: random state, so a resumed run continues the same random stream ------
+    def on_save_checkpoint(self, checkpoint):
+        import random
+
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        checkpoint["rng_state"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        }
+
+    def on_load_checkpoint(self, checkpoint):
+        import random
+
+        import numpy as np
+
+        state = checkpoint.get("rng_state")
+        if not state:
+            return
+        torch.set_rng_state(state["torch"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
 
     # --- optimization -------------------------------------------------------------------------------
     def global_batch_size(self) -> int:
