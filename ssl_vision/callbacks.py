@@ -76,7 +76,7 @@ class Throughput(L.Callback):
         dt = self._t1 - self._t0
         self.images += self._n
         self.seconds += dt
-        pl_module.log("train/images_per_second", self._n / max(dt, 1e-9), on_epoch=True, sync_dist=False)
+        pl_module.log("train/images_per_second", self._n / max(dt, 1e-9), on_epoch=True, rank_zero_only=True)
 
     @property
     def images_per_second(self) -> float | None:

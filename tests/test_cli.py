@@ -81,3 +81,14 @@ def test_tiny_run_writes_its_outputs_and_probe_reproduces_it(tmp_path):
 def test_probe_without_checkpoint_says_how_to_call_it(tmp_path):
     r = cli("probe", cwd=tmp_path)
     assert r.returncode == 2 and "checkpoint: not set" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_multirun_sweep_writes_a_table_of_every_job(tmp_path):
+    r = cli("train", "-m", *TINY, "eval.random_init_baseline=false", "optimizer.lr=0.1,0.3",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = (tmp_path / "sweep" / "sweep_summary.csv").read_text().splitlines()
+    assert len(table) == 3 and table[0].startswith("job,overrides,method")
+    assert "optimizer.lr=0.1" in table[1] and "optimizer.lr=0.3" in table[2]
+    md = (tmp_path / "sweep" / "sweep_summary.md").read_text()
+    assert md.count("| simclr |") == 2

@@ -143,8 +143,8 @@ class SSLMethod(L.LightningModule, abc.ABC):
                 logits = self.probe(out["feats"].detach()[known])
                 probe_loss = F.cross_entropy(logits, labels[known])
                 acc = (logits.argmax(1) == labels[known]).float().mean()
-                self.log("train/probe_loss", probe_loss, on_step=False, on_epoch=True)
-                self.log("train/probe_top1", acc, on_step=False, on_epoch=True)
+                self.log("train/probe_loss", probe_loss, on_step=False, on_epoch=True, sync_dist=True)
+                self.log("train/probe_top1", acc, on_step=False, on_epoch=True, sync_dist=True)
                 loss = loss + probe_loss
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
