@@ -37,6 +37,9 @@ class LastCheckpoint(L.Callback):
 
     def _save(self, trainer):
         if trainer.global_step != self._saved_step and not trainer.sanity_checking:
+            bad = [n for n, p in trainer.lightning_module.named_parameters() if not torch.isfinite(p).all()]
+            if bad:  # never replace the last good checkpoint with a broken state
+                raise FloatingPointError(f"non-finite weights after step {trainer.global_step} (e.g. {bad[0]})")
             trainer.save_checkpoint(self.path)
             self._saved_step = trainer.global_step
 

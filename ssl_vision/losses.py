@@ -34,3 +34,51 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
     self_mask[torch.arange(2 * b, device=q.device), self_idx] = True
     logits = logits.masked_fill(self_mask, float("-inf"))
     return F.cross_entropy(logits, pos_idx)
+
+
+def moco_v2_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo's InfoNCE against a queue of negatives (He et al. 2020, Alg. 1).
+
+    q: (B, D) queries; k: (B, D) their positive keys (momentum encoder, no gradient);
+    queue: (K, D) negative keys from earlier batches (all ranks). Inputs are L2-normalized here.
+    Each query's logits are ``[q.k, q.queue_1, ..., q.queue_K] / T`` and its label is 0.
+    """
+    q, k, queue = F.normalize(q, dim=1), F.normalize(k.detach(), dim=1), F.normalize(queue.detach(), dim=1)
+    pos = (q * k).sum(dim=1, keepdim=True)  # (B, 1)
+    neg = q @ queue.T  # (B, K)
+    logits = torch.cat([pos, neg], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+def moco_v3_ctr(q: torch.Tensor, k_all: torch.Tensor, temperature: float, rank: int = 0) -> torch.Tensor:
+    """MoCo v3's contrastive term ``ctr(q, k)`` scaled by 2T (Chen et al. 2021, Alg. 1).
+
+    q: (B, D) this rank's queries (predictor outputs); k_all: (W*B, D) keys gathered from all ranks
+    without gradient. The positive of local query i is key ``rank * B + i``; all other keys are
+    negatives. The 2T factor makes the gradient scale independent of the temperature.
+    """
+    q, k_all = F.normalize(q, dim=1), F.normalize(k_all.detach(), dim=1)
+    logits = q @ k_all.T / temperature  # (B, W*B)
+    labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
+    return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+def moco_v3_loss(q1: torch.Tensor, q2: torch.Tensor, k1_all: torch.Tensor, k2_all: torch.Tensor,
+                 temperature: float, rank: int = 0) -> torch.Tensor:
+    """The symmetric MoCo v3 loss ``ctr(q1, k2) + ctr(q2, k1)`` (see ``moco_v3_ctr``)."""
+    return moco_v3_ctr(q1, k2_all, temperature, rank) + moco_v3_ctr(q2, k1_all, temperature, rank)
+
+
+def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = False,
+             eps: float = 1e-6) -> torch.Tensor:
+    """MAE's reconstruction loss: per-patch MSE averaged over the masked patches only.
+
+    pred, target: (B, L, P) predicted and true patch pixels; mask: (B, L), 1 = masked (predicted),
+    0 = visible. With ``norm_pix`` each target patch is normalized by its own mean and std.
+    """
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + eps) ** 0.5
+    per_patch = ((pred - target) ** 2).mean(dim=-1)  # (B, L)
+    return (per_patch * mask).sum() / mask.sum()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from ..config import ConfigError
 from .base import SSLMethod
+from .mae import MAE
+from .moco import MoCoV2, MoCoV3
 from .simclr import SimCLR
 
-METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR}
+METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "moco_v2": MoCoV2, "moco_v3": MoCoV3, "mae": MAE}
 
 
 def method_class(name: str) -> type[SSLMethod]:

@@ -1,0 +1,75 @@
+"""tools/bench.py on a tiny setting: every record has the required, positive numbers."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench.py"
+REQUIRED = ("floor_ms", "step_ms", "step_over_floor", "images_per_second", "augment_images_per_second",
+            "peak_memory_mb")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("ssl_vision_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy machine these tiny models mostly wait for their second thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def check_record(r, batch):
+    assert (r["batch_size"], r["device"], r["repeats"]) == (batch, "cpu", 2)
+    assert r["torch_version"] and r["device_name"] and r["threads"] >= 1 and r["memory_kind"]
+    assert all(r[k] > 0 for k in REQUIRED[:-1]) and r["peak_memory_mb"] >= 0
+    assert len(r["step_samples_ms"]) == len(r["floor_samples_ms"]) == 2
+    assert r["step_over_floor"] == pytest.approx(r["step_ms"] / r["floor_ms"])
+    assert r["images_per_second"] == pytest.approx(batch / (r["step_ms"] / 1e3))
+
+
+def test_cli_benchmarks_the_resnet_methods_and_writes_the_records(bench, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    records = bench.main(["--methods", "simclr:resnet18_tiny", "moco_v2:resnet18_tiny", "moco_v3:resnet18_tiny",
+                          "--image-size", "16", "--batch-size", "8", "--warmup", "1", "--repeats", "2",
+                          "--device", "cpu", "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == records
+    assert [r["method"] for r in records] == ["simclr", "moco_v2", "moco_v3"]
+    for r in records:
+        assert (r["backbone"], r["image_size"]) == ("resnet18_tiny", 16)
+        check_record(r, 8)
+    table = capsys.readouterr().out
+    assert "| simclr | resnet18_tiny | 16 | 8 |" in table and "step/floor" in table
+
+
+def test_mae_record_compares_masked_with_full_tokens(bench):
+    r = bench.bench_one("mae", "vit_tiny", 16, 8, warmup=1, repeats=2, device="cpu", patch_size=4,
+                        overrides=["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"])
+    check_record(r, 8)
+    assert (r["patch_size"], r["mask_ratio"]) == (4, 0.75) and len(r["masked_samples_ms"]) == 2
+    assert r["masked_over_full"] == pytest.approx(r["masked_ms"] / r["floor_ms"])
+
+
+def test_methods_expand_to_their_default_backbones(bench):
+    assert bench.parse_runs(["mae", "simclr:resnet50"]) == [("mae", "vit_tiny"), ("mae", "vit_small"),
+                                                            ("simclr", "resnet50")]
+    assert len(bench.parse_runs(None)) == 5
+    with pytest.raises(SystemExit, match="unknown method 'byol'"):
+        bench.parse_runs(["byol"])
+
+
+def test_moco_v2_queue_and_data_fit_the_batch(bench):
+    cfg = bench.compose_cfg("moco_v2", "resnet18_tiny", 16, 8, steps=3)
+    assert cfg.method.queue_size == 16 * 8
+    assert cfg.data.num_samples * (1 - cfg.data.val_fraction) >= cfg.method.queue_size
+    assert (cfg.data.image_size, cfg.data.canvas_size, cfg.data.batch_size) == (16, 16, 8)

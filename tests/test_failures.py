@@ -1,0 +1,62 @@
+"""Bad settings fail before training with one line naming the setting; a NaN run stops cleanly."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from .conftest import TINY
+
+CASES = {
+    "zero lr": (["optimizer.lr=0"], "optimizer.lr: must be a positive number, got 0"),
+    "negative lr": (["optimizer.lr=-0.1"], "optimizer.lr: must be a positive number, got -0.1"),
+    "batch > data": (["data.batch_size=100000"], "data.batch_size: 100000 is larger than the training set"),
+    "queue vs batch": (["method=moco_v2", "method.queue_size=100"], "method.queue_size: 100 is not a multiple"),
+    "mae on resnet": (["method=mae"], "needs a vit backbone"),
+    "patch": (["backbone=vit_tiny", "backbone.patch_size=5"], "backbone.patch_size: image size 16 is not divisible"),
+    "unknown timm": (["backbone.name=resnet181"], "backbone.name: unknown timm model 'resnet181'; close matches: resnet18"),
+    "unknown optimizer": (["optimizer.name=adam"], "optimizer.name: unknown optimizer 'adam'; choose one of: sgd, adamw, lars"),
+}
+
+
+def train(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "ssl_vision.train", *TINY, *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_setting_is_one_line_before_training(tmp_path, case):
+    overrides, expected = CASES[case]
+    r = train(*overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was trained
+
+
+def test_checkpoint_of_another_method_is_refused_on_resume(tmp_path):
+    run = tmp_path / "run"
+    assert train("trainer.max_steps=1", "eval.enabled=false", f"hydra.run.dir={run}", cwd=tmp_path).returncode == 0
+    r = train("method=moco_v2", "method.queue_size=128", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == (f"error: resume: checkpoint '{run}/checkpoints/last.ckpt' was trained with method "
+                                "'simclr', but this config has method 'moco_v2'; use method=simclr or a new run directory")
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    r = train("optimizer.name=sgd", "optimizer.lr=1e30", "optimizer.warmup_epochs=0", "checkpoint.every_n_steps=1",
+              f"hydra.run.dir={run}", cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: non-finite") and "step" in line, r.stderr[-2000:]
+    ckpt = run / "checkpoints" / "last.ckpt"
+    if ckpt.exists():  # whatever was kept is a good state
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+        assert f"the last good checkpoint is {ckpt}" in line
+    else:
+        assert "no checkpoint was written yet" in line
+    assert not (run / "summary.json").exists()

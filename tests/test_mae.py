@@ -1,0 +1,223 @@
+"""MAE: masking, patch order, loss on masked patches only, encoder on visible tokens, config."""
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from ssl_vision.config import ConfigError, conf_dir
+from ssl_vision.data import SSLDataModule
+from ssl_vision.losses import mae_loss
+from ssl_vision.methods import build_method
+from ssl_vision.methods.mae import MAE, patchify, random_masking, unpatchify
+from ssl_vision.optim import build_optimizer
+from ssl_vision.pos_embed import sincos_1d, sincos_2d
+
+TINY_MAE = ("method=mae", "data=synthetic", "backbone=vit_tiny", "data.image_size=16", "backbone.patch_size=4",
+            "method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2")
+
+
+def test_random_masking_keeps_the_right_count_and_restores_order():
+    torch.manual_seed(0)
+    b, n, ratio = 6, 16, 0.75
+    x = torch.arange(n).float()[None, :, None].expand(b, n, 2).clone() + torch.randn(b, 1, 2)
+    kept, mask, ids_restore = random_masking(x, ratio)
+    keep = int(n * (1 - ratio))
+    assert kept.shape == (b, keep, 2) and mask.shape == (b, n) and ids_restore.shape == (b, n)
+    assert torch.equal(mask.sum(1), torch.full((b,), float(n - keep)))
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    for i in range(b):
+        positions = (kept[i, :, 0] - x[i, 0, 0]).round().long()  # token index of each kept token
+        assert torch.allclose(kept[i], x[i, positions])
+        assert torch.equal(mask[i, positions], torch.zeros(keep))  # kept <=> mask 0
+    # round trip: kept tokens + placeholders, un-shuffled with ids_restore, put every kept token back in place
+    filled = torch.cat([kept, torch.full((b, n - keep, 2), -1.0)], dim=1)
+    restored = filled.gather(1, ids_restore[:, :, None].expand(-1, -1, 2))
+    visible = mask == 0
+    assert torch.equal(restored[visible], x[visible])
+    assert torch.all(restored[~visible] == -1.0)
+    # per-sample masks differ
+    assert len({tuple(m.tolist()) for m in mask}) == b
+
+
+def test_masking_follows_the_given_noise():
+    x = torch.randn(3, 64, 4)
+    noise = torch.rand(3, 64)
+    kept, mask, _ = random_masking(x, 0.5, noise=noise)
+    assert kept.shape == (3, 32, 4)
+    smallest = noise.argsort(dim=1)[:, :32]  # the 50% of tokens with the smallest noise are kept
+    assert torch.equal(kept, x.gather(1, smallest[:, :, None].expand(-1, -1, 4)))
+    assert torch.equal(mask, (noise > noise.sort(dim=1).values[:, 31:32]).float())
+
+
+def test_patchify_is_row_major_like_patch_embed_and_inverts():
+    p, g = 4, 3
+    idx = torch.arange(g * g).float().reshape(1, 1, g, g)
+    img = idx.repeat_interleave(p, 2).repeat_interleave(p, 3).expand(2, 3, -1, -1).clone()
+    patches = patchify(img, p)
+    assert patches.shape == (2, g * g, p * p * 3)
+    assert torch.equal(patches[0, :, 0], torch.arange(g * g).float())
+    assert torch.all(patches == patches[..., :1])  # one constant value per patch
+    x = torch.randn(2, 3, 12, 12)
+    assert torch.equal(unpatchify(patchify(x, p), p), x)
+    # channel order inside a patch is (row, col, channel)
+    x = torch.zeros(1, 3, 4, 4)
+    x[0, 2, 0, 1] = 1.0
+    assert patchify(x, 4)[0, 0].nonzero().flatten().tolist() == [(0 * 4 + 1) * 3 + 2]
+
+
+def test_mae_loss_counts_only_masked_patches():
+    torch.manual_seed(0)
+    pred, target = torch.randn(2, 6, 5), torch.randn(2, 6, 5)
+    mask = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 1, 1, 0, 0]]).float()
+    expected = sum(((pred[i, j] - target[i, j]) ** 2).mean() for i in range(2) for j in range(6) if mask[i, j]) / 6
+    assert torch.allclose(mae_loss(pred, target, mask), expected)
+    changed = pred.clone()
+    changed[mask == 0] += 100.0  # visible patches do not count
+    assert torch.allclose(mae_loss(changed, target, mask), expected)
+    # norm_pix: each target patch is standardized by its own mean and (unbiased) variance
+    t = target[0, 0]
+    t_norm = (t - t.mean()) / (t.var() + 1e-6) ** 0.5
+    only_first = torch.zeros(2, 6)
+    only_first[0, 0] = 1
+    assert torch.allclose(mae_loss(pred, target, only_first, norm_pix=True), ((pred[0, 0] - t_norm) ** 2).mean())
+
+
+def test_sincos_position_embedding_formula():
+    table = sincos_2d(8, 2, 3, num_prefix=1)
+    assert table.shape == (1, 1 + 6, 8) and torch.equal(table[0, 0], torch.zeros(8))
+    row, col = 1, 2  # token 1 + row * 3 + col
+    w = [1.0, 1.0 / 100.0]  # 1 / 10000 ** (i / 2)
+    expected = [torch.sin(torch.tensor(col * w[0])), torch.sin(torch.tensor(col * w[1])),
+                torch.cos(torch.tensor(col * w[0])), torch.cos(torch.tensor(col * w[1])),
+                torch.sin(torch.tensor(row * w[0])), torch.sin(torch.tensor(row * w[1])),
+                torch.cos(torch.tensor(row * w[0])), torch.cos(torch.tensor(row * w[1]))]
+    assert torch.allclose(table[0, 1 + row * 3 + col], torch.stack(expected), atol=1e-6)
+    assert sincos_1d(4, torch.arange(5)).shape == (5, 4)
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        sincos_2d(6, 2, 2)
+
+
+def test_encoder_sees_only_the_visible_tokens(make_cfg):
+    torch.manual_seed(0)
+    model = build_method(make_cfg(*TINY_MAE), 4)
+    seen = []
+    model.backbone.blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
+    images = torch.randn(3, 3, 16, 16)
+    latent, mask, ids_restore = model.encode(images, 0.75)
+    assert seen == [(3, 1 + 4, 192)]  # class token + 25% of the 16 patches
+    assert latent.shape == (3, 5, 192) and mask.shape == (3, 16)
+    seen.clear()
+    model.encode(images, 0.5)
+    assert seen == [(3, 1 + 8, 192)]
+    seen.clear()
+    out = model.forward_views([images])
+    assert seen[0] == (3, 5, 192) and seen[-1] == (3, 17, 192)  # masked pass, then the probe's full pass
+    assert out["pred"].shape == (3, 16, 4 * 4 * 3)
+    # the probe reads the encoder's pooled feature of the unmasked image, detached
+    assert not out["feats"].requires_grad
+    with torch.no_grad():
+        assert torch.allclose(out["feats"], model.backbone(images), atol=1e-5)
+    # the loss depends on the prediction of masked patches only
+    out["loss"].backward()
+    assert model.decoder_pred.weight.grad is not None and model.backbone.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_mae_gradient_reaches_only_masked_patch_predictions(make_cfg):
+    torch.manual_seed(0)
+    model = build_method(make_cfg(*TINY_MAE), 4)
+    images = torch.randn(2, 3, 16, 16)
+    latent, mask, ids_restore = model.encode(images, 0.75)
+    pred = model.decode(latent, ids_restore)
+    pred.retain_grad()
+    mae_loss(pred, patchify(images, 4), mask, norm_pix=True).backward()
+    per_patch = pred.grad.abs().sum(-1)
+    assert torch.all(per_patch[mask == 0] == 0) and torch.all(per_patch[mask == 1] > 0)
+
+
+def test_mae_follows_the_paper(make_cfg):
+    cfg = make_cfg("method=mae", "data=synthetic", "backbone=vit_tiny")
+    model = build_method(cfg, 4)
+    assert isinstance(model, MAE)
+    assert (cfg.method.mask_ratio, cfg.method.norm_pix_loss) == (0.75, True)
+    assert model.decoder_embed.out_features == 512 and len(model.decoder_blocks) == 8
+    assert model.decoder_blocks[0].attn.num_heads == 16
+    assert not model.backbone.pos_embed.requires_grad
+    assert torch.allclose(model.backbone.pos_embed, sincos_2d(192, 4, 4, 1))
+    assert torch.allclose(model.decoder_pos_embed, sincos_2d(512, 4, 4, 1))
+    o = cfg.optimizer
+    assert (o.name, tuple(o.betas), o.weight_decay) == ("adamw", (0.9, 0.95), 0.05)
+    v = cfg.augment.all_views
+    assert tuple(v.crop_scale) == (0.2, 1.0) and v.flip_prob == 0.5
+    assert v.jitter_prob == v.grayscale_prob == v.blur_prob == v.solarize_prob == 0.0
+    assert list(cfg.augment.views) == ["view1"]
+    kinds = {type(m).__name__ for m in model.augment.pipelines[0]}
+    assert kinds == {"RandomResizedCrop", "RandomHorizontalFlip", "Normalize"}
+    optimizer = model.param_groups()
+    assert id(model.backbone.pos_embed) not in {id(p) for g in optimizer for p in g["params"]}
+
+
+def test_mae_needs_a_vit(make_cfg):
+    with pytest.raises(ConfigError) as e:
+        build_method(make_cfg("method=mae", "data=synthetic", "backbone=resnet18_tiny"), 4)
+    msg = str(e.value)
+    assert "\n" not in msg and "method 'mae' needs a vit backbone" in msg and "resnet18_tiny" in msg
+
+
+def test_mae_trains_in_lightning_and_the_online_probe_learns(make_cfg):
+    cfg = make_cfg(*TINY_MAE, "data.batch_size=32")
+    torch.manual_seed(0)
+    model = build_method(cfg, 4)
+    probe = model.probe.weight.detach().clone()
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    trainer.fit(model, datamodule=SSLDataModule(cfg.data))
+    assert trainer.global_step == 3
+    assert not torch.equal(model.probe.weight, probe)
+    assert torch.isfinite(trainer.callback_metrics["train/loss_step"])
+
+
+# --- recipes (conf/experiment) ------------------------------------------------------------------------
+
+RECIPES = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+
+
+def test_every_method_and_dataset_has_its_recipes():
+    for name in ("cifar10_simclr_resnet18", "cifar10_moco_v2_resnet18", "cifar10_moco_v3_resnet18",
+                 "cifar10_moco_v3_vit_small", "cifar10_mae_vit_small", "imagenet100_simclr_resnet18",
+                 "imagenet100_moco_v2_resnet18", "imagenet100_moco_v3_resnet18",
+                 "imagenet100_moco_v3_vit_small", "imagenet100_mae_vit_base"):
+        assert name in RECIPES, name
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_is_a_global_package_with_overrides_and_a_reference(name):
+    path = conf_dir() / "experiment" / f"{name}.yaml"
+    lines = path.read_text().splitlines()
+    assert lines[0] == "# @package _global_"
+    comment = " ".join(line for line in lines if line.startswith("#"))
+    assert any(ref in comment for ref in ("solo-learn", "MoCo v3 paper", "MAE paper")), "names its reference"
+    recipe = yaml.safe_load(path.read_text())
+    overrides = {k: v for d in recipe["defaults"] for k, v in d.items()}
+    dataset, method = name.split("_")[0], overrides["override /method"]
+    assert set(overrides) == {"override /method", "override /backbone", "override /data"}
+    assert overrides["override /data"] == dataset and method in name
+    assert overrides["override /backbone"] in name
+    assert (conf_dir() / "method" / f"{method}.yaml").is_file()
+    assert (conf_dir() / "backbone" / f"{overrides['override /backbone']}.yaml").is_file()
+    assert recipe["trainer"]["max_epochs"] >= 300
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_composes_and_builds_its_model(make_cfg, name):
+    """Composed on the small synthetic data (its own data config is checked when it exists)."""
+    cfg = make_cfg(f"experiment={name}", "data=synthetic")
+    recipe = yaml.safe_load((conf_dir() / "experiment" / f"{name}.yaml").read_text())
+    for key, value in recipe["method"].items():
+        assert cfg.method[key] == value, key
+    model = build_method(cfg, 4)
+    build_optimizer(cfg.optimizer, model.param_groups())
+    dataset = name.split("_")[0]
+    if (conf_dir() / "data" / f"{dataset}.yaml").is_file():
+        assert make_cfg(f"experiment={name}").data.name == dataset

@@ -1,0 +1,315 @@
+"""Cost of each method's training step against its backbone's own cost (the "floor").
+
+    python tools/bench.py --quick          # ResNet-18 / ViT-Tiny / ViT-Small at 32 px; < 5 min on 2 idle CPU cores
+    python tools/bench.py --image-size 224 --batch-size 128 --methods simclr moco_v3 mae:vit_base
+    python tools/bench.py --methods simclr:resnet18_tiny --image-size 16 --batch-size 8 --out tiny.json
+    python tools/bench.py --image-size 224 --batch-size 256 trainer.precision=bf16-mixed   # Hydra overrides
+
+For each method and backbone, in this process, on one device (``--device``; auto: the GPU if any):
+
+- step_ms: one iteration of a real ``lightning.Trainer`` fit (``build_method`` as train.py does,
+  ``data=synthetic``), timed from one ``on_train_batch_end`` to the next: batch fetch and transfer,
+  on-device augmentation, heads, loss, online probe, backward, optimizer and scheduler step,
+  EMA / queue update, Lightning's logging. images_per_second = batch_size / step.
+- floor_ms: the backbone alone, forward + ``.sum().backward()``, on exactly the views the method
+  trained on in that step: SimCLR one call on the 2B concatenated views; MoCo v2/v3 one call per view
+  plus the momentum backbone's no-grad forward of each view; MAE the ViT's full-token forward of the
+  B images. No augmentation, heads, loss or optimizer step. It runs between the Trainer's steps
+  (outside their timed intervals), so floor and step alternate and a busy machine's drift hits both.
+- augment_images_per_second: ``model.augment`` alone on a uint8 batch, every view counted.
+- peak_memory_mb over the fit: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the growth of
+  the process's peak RSS over its RSS before the fit (``memory_kind`` says which).
+- MAE also: masked_ms, the encoder on the visible tokens only (``model.encode``) forward + backward,
+  and masked_over_full = masked_ms / floor_ms; its step_ms includes the decoder and the probe.
+
+Every time is the median of ``--repeats`` timings after ``--warmup`` untimed ones (the floor and
+masked references: after one, at the end of the warm-up steps); the raw timings are in the JSON
+(``*_samples_ms``). The synthetic loader runs in the training process (``data.num_workers=0``), so
+step_ms includes the batch fetch; add e.g. ``data.num_workers=4`` on a GPU machine to overlap it.
+On a CPU shared with other jobs, ``--threads 1`` gives steadier figures: each multi-threaded op
+otherwise waits for its second thread to be scheduled (Kornia's thousands of small ops most).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import math
+import platform
+import resource
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ssl_vision.config import conf_dir
+from ssl_vision.data import SSLDataModule
+from ssl_vision.methods import METHODS, build_method
+
+DEFAULT_RUNS = [("simclr", "resnet18"), ("moco_v2", "resnet18"), ("moco_v3", "resnet18"),
+                ("mae", "vit_tiny"), ("mae", "vit_small")]
+FLOOR = {
+    "simclr": "backbone fwd+bwd on the 2B concatenated views (one call)",
+    "moco_v2": "backbone fwd+bwd per view + momentum backbone no-grad fwd per view",
+    "mae": "ViT full-token fwd+bwd of the B images",
+}
+FLOOR["moco_v3"] = FLOOR["moco_v2"]
+QUEUE_BATCHES = 16  # MoCo v2's queue holds this many batches
+
+
+def compose_cfg(method: str, backbone: str, image_size: int, batch_size: int, steps: int, patch_size="auto",
+                extra=()):
+    """The real training config (``compose("train", ...)``) on synthetic data with one epoch of >= ``steps``;
+    ``extra``: more Hydra overrides, e.g. ``trainer.precision=bf16-mixed``."""
+    overrides = [f"method={method}", f"backbone={backbone}", "data=synthetic", f"data.image_size={image_size}",
+                 f"data.canvas_size={image_size}", f"data.batch_size={batch_size}"]
+    if method == "moco_v2":
+        overrides.append(f"method.queue_size={QUEUE_BATCHES * batch_size}")
+    if backbone.startswith("vit"):
+        overrides.append(f"backbone.patch_size={patch_size}")
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        cfg = compose(config_name="train", overrides=overrides + list(extra))
+    # enough images that every step falls in the first epoch (no epoch end inside the timed steps)
+    # and, for MoCo v2, that the queue is not larger than the data (which only logs a warning)
+    batches = max(steps + 1, QUEUE_BATCHES if method == "moco_v2" else 0)
+    train_fraction = 1.0 - float(cfg.data.val_fraction)
+    cfg.data.num_samples = math.ceil(batch_size * batches / train_fraction) + 2 * int(cfg.data.num_classes)
+    return cfg
+
+
+class StepTimer(L.Callback):
+    """Times every training iteration, from one ``on_train_batch_end`` to the next, and between the
+    iterations (outside their intervals) the ``reference_fns`` on the views that iteration trained on:
+    step and floor alternate, so a shared machine's slow drift hits both alike. The references start
+    after step ``first_reference``: one warm-up call is enough for a backbone the steps have warmed."""
+
+    def __init__(self, cuda: bool, method: str, first_reference: int = 0):
+        self.cuda, self.method, self.first_reference = cuda, method, first_reference
+        self.times: dict[str, list[float]] = {"step": []}
+        self._last = None
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = self._now()
+        if self._last is not None:
+            self.times["step"].append((now - self._last) * 1e3)
+        references = reference_fns(pl_module, self.method, batch[0]) if batch_idx >= self.first_reference else {}
+        for name, fn in references.items():
+            start = self._now()
+            with trainer.precision_plugin.train_step_context():  # the step's precision (autocast)
+                fn()
+            self.times.setdefault(name, []).append((self._now() - start) * 1e3)
+        self._last = self._now()  # the next step's grads are zeroed by Lightning before its backward
+
+
+def time_ms(fn, warmup: int, repeats: int, cuda: bool) -> list[float]:
+    """Milliseconds of each of ``repeats`` calls of ``fn()`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _proc_status_mb(field: str) -> float:
+    """``VmRSS`` / ``VmHWM`` of this process from /proc/self/status, in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def memory_start(device: torch.device) -> tuple[float, str]:
+    """Start a peak-memory measurement; returns (baseline MiB, memory_kind)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        return 0.0, "cuda_max_memory_allocated"
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc: hand freed heap back, so reuse counts as growth
+    except (OSError, AttributeError):
+        pass
+    try:  # Linux: reset the peak RSS (VmHWM) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status_mb("VmRSS"), "cpu_peak_rss_growth"
+    except OSError:  # no reset: growth of the lifetime peak, a lower bound when an earlier run peaked higher
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_ru_maxrss_growth"
+
+
+def memory_peak_mb(device: torch.device, baseline: float, kind: str) -> float:
+    """Peak MiB since ``memory_start``: CUDA allocations, or the peak RSS above ``baseline``."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = _proc_status_mb("VmHWM") if kind == "cpu_peak_rss_growth" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return max(0.0, peak - baseline)
+
+
+def reference_fns(model, method: str, views: list[torch.Tensor]) -> dict:
+    """Closures of the backbone-only work of one step on ``views`` (see ``FLOOR``): ``floor``, and for
+    MAE ``masked``, its encoder on the visible tokens only (``model.encode``), forward + backward."""
+    backbone, views = model.backbone, views[: 1 if method == "mae" else 2]
+
+    def floor():
+        backbone.zero_grad(set_to_none=True)
+        if method == "simclr":
+            backbone(torch.cat(views)).sum().backward()
+            return
+        sum(backbone(v).sum() for v in views).backward()
+        if method.startswith("moco"):
+            with torch.no_grad():
+                for v in views:
+                    model.momentum_backbone(v)
+
+    def masked():
+        backbone.zero_grad(set_to_none=True)
+        model.encode(views[0], float(model.cfg.method.mask_ratio))[0].sum().backward()
+
+    return {"floor": floor, "masked": masked} if method == "mae" else {"floor": floor}
+
+
+def device_name(device: torch.device) -> str:
+    """GPU name, or the CPU model from /proc/cpuinfo (platform.processor() elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def bench_one(method: str, backbone: str, image_size: int, batch_size: int, warmup: int = 2, repeats: int = 5,
+              device: str = "auto", patch_size="auto", overrides=()) -> dict:
+    """Floor, full Trainer step, augmentation and peak memory of one method + backbone: one JSON record."""
+    warmup = max(1, warmup)  # the first timed interval starts at the end of the last warm-up step
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    cuda = dev.type == "cuda"
+    cfg = compose_cfg(method, backbone, image_size, batch_size, warmup + repeats, patch_size, overrides)
+    L.seed_everything(int(cfg.seed), verbose=False)
+    dm = SSLDataModule(cfg.data)
+    dm.setup()
+    model = build_method(cfg, dm.num_classes)  # as train.py: the online probe is part of the real path
+    timer = StepTimer(cuda, method, first_reference=warmup - 1)
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs.update(accelerator="gpu" if cuda else "cpu", devices=1, num_nodes=1, strategy="auto", sync_batchnorm=False,
+                  max_steps=warmup + repeats, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
+    trainer = L.Trainer(**kwargs)
+    baseline, memory_kind = memory_start(dev)
+    trainer.fit(model, datamodule=dm)
+    peak_mb = memory_peak_mb(dev, baseline, memory_kind)
+    times = {name: t[-repeats:] for name, t in timer.times.items()}  # the first calls warmed up
+
+    model.to(dev)  # Lightning's teardown moved it back to the CPU
+    images = next(iter(dm.train_dataloader()))[0].to(dev)
+    aug_times = time_ms(lambda: model.augment(images), warmup, repeats, cuda)
+    floor_ms, step_ms, aug_ms = (statistics.median(t) for t in (times["floor"], times["step"], aug_times))
+    record = {
+        "method": method, "backbone": backbone, "image_size": image_size, "batch_size": batch_size,
+        "device": dev.type, "device_name": device_name(dev), "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats,
+        "floor_ms": floor_ms, "step_ms": step_ms, "step_over_floor": step_ms / floor_ms,
+        "images_per_second": batch_size / (step_ms / 1e3),
+        "augment_ms": aug_ms, "augment_images_per_second": batch_size * len(model.augment.pipelines) / (aug_ms / 1e3),
+        "peak_memory_mb": peak_mb, "memory_kind": memory_kind, "floor_contains": FLOOR[method],
+        "floor_samples_ms": times["floor"], "step_samples_ms": times["step"], "overrides": list(overrides),
+    }
+    if method == "mae":
+        record.update(patch_size=int(model.patch), mask_ratio=float(cfg.method.mask_ratio),
+                      masked_ms=statistics.median(times["masked"]), masked_samples_ms=times["masked"])
+        record["masked_over_full"] = record["masked_ms"] / floor_ms
+    return record
+
+
+def markdown_table(records: list[dict]) -> str:
+    """The records as a markdown table, one row per method + backbone."""
+    head = ["method", "backbone", "px", "batch", "floor ms", "step ms", "step/floor", "img/s", "aug img/s",
+            "peak MiB", "masked ms", "masked/full"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        masked = [f"{r['masked_ms']:.1f}", f"{r['masked_over_full']:.3f}"] if "masked_ms" in r else ["", ""]
+        cells = [r["method"], r["backbone"], str(r["image_size"]), str(r["batch_size"]), f"{r['floor_ms']:.1f}",
+                 f"{r['step_ms']:.1f}", f"{r['step_over_floor']:.3f}", f"{r['images_per_second']:.0f}",
+                 f"{r['augment_images_per_second']:.0f}", f"{r['peak_memory_mb']:.0f}", *masked]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def parse_runs(entries: list[str] | None) -> list[tuple[str, str]]:
+    """``METHOD`` (its default backbones) or ``METHOD:BACKBONE`` -> [(method, backbone)]."""
+    runs = []
+    for entry in entries or [m for m, _ in DEFAULT_RUNS]:
+        method, _, backbone = entry.partition(":")
+        if method not in METHODS:
+            raise SystemExit(f"error: --methods: unknown method '{method}'; choose from {', '.join(METHODS)}")
+        new = [(method, backbone)] if backbone else [r for r in DEFAULT_RUNS if r[0] == method]
+        runs += [r for r in new if r not in runs]
+    return runs
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="2 warm-up + 5 timed steps (else 3 + 10) at the default sizes: 32 px, ResNet batch 64, "
+                        "MAE batch 32, patch 4")
+    p.add_argument("--methods", nargs="+", metavar="METHOD[:BACKBONE]",
+                   help="default: simclr moco_v2 moco_v3 (resnet18) mae (vit_tiny, vit_small)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, help="default: 64 for ResNets, 32 for ViTs")
+    p.add_argument("--patch-size", default="auto", help="ViT patch (auto: 4 up to 64 px, 8 up to 96, else 16)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 2 with --quick, else 3; at least 1)")
+    p.add_argument("--repeats", type=int, help="timed steps (default 5 with --quick, else 10)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="Hydra overrides for every run, e.g. trainer.precision=bf16-mixed (before --methods)")
+    p.add_argument("--out", default="bench_results.json", help="JSON list of records (default: %(default)s)")
+    args = p.parse_args(argv)
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
+    repeats = args.repeats if args.repeats is not None else (5 if args.quick else 10)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for pattern in (".*does not have many workers.*", ".*smaller than the logging interval.*", ".*LeafSpec.*",
+                    ".*overridden `on_after_batch_transfer`.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+    records = []
+    for method, backbone in parse_runs(args.methods):
+        batch = args.batch_size or (32 if backbone.startswith("vit") else 64)
+        start = time.perf_counter()
+        records.append(bench_one(method, backbone, args.image_size, batch, warmup, repeats, args.device, args.patch_size,
+                                 args.overrides))
+        print(f"{method} {backbone}: {time.perf_counter() - start:.0f} s", flush=True)
+        Path(args.out).write_text(json.dumps(records, indent=2) + "\n")  # after every run: partial results survive
+    r = records[0]
+    print(f"\n{r['device_name']} ({r['device']}, {r['threads']} threads), torch {r['torch_version']}, "
+          f"median of {repeats} after {warmup} warm-up\n")
+    print(markdown_table(records))
+    print("\nfloor: " + "; ".join(f"{m}: {FLOOR[m]}" for m in dict.fromkeys(x["method"] for x in records)))
+    print("step: a real Trainer iteration (fetch, augmentation, heads, loss, probe, backward, optimizer, EMA/queue); "
+          f"masked: MAE encoder on visible tokens fwd+bwd; peak MiB: {r['memory_kind']}")
+    print(f"wrote {args.out}")
+    return records
+
+
+if __name__ == "__main__":
+    main()
