@@ -82,6 +82,9 @@ def run(cfg: DictConfig) -> dict:
     dm = SSLDataModule(cfg.data)
     dm.setup()
     model = build_method(cfg, dm.num_classes)
+    devices, nodes = cfg.trainer.get("devices"), int(cfg.trainer.get("num_nodes", 1))
+    if isinstance(devices, int) and hasattr(model, "check_queue_size"):  # fail before the Trainer starts
+        model.check_queue_size(int(cfg.data.batch_size) * devices * nodes)
     trainer, throughput = build_trainer(cfg, out, labelled=dm.num_classes > 0)
     if trainer.is_global_zero:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
