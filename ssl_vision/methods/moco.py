@@ -10,6 +10,7 @@ adds a query-side predictor and contrasts against the keys of the whole (gathere
 from __future__ import annotations
 
 import logging
+import abc
 import math
 
 import torch
@@ -38,8 +39,9 @@ class _MoCo(SSLMethod):
     def prepare_backbone(self) -> None:
         """Hook: change the online backbone before its momentum copy is taken."""
 
+    @abc.abstractmethod
     def build_projector(self) -> nn.Module:
-        raise NotImplementedError
+        """The online projection head (its momentum twin is copied from it)."""
 
     @torch.no_grad()
     def keys(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
