@@ -3,6 +3,8 @@
 Any timm model name works (``timm.create_model(name, num_classes=0)``); the presets below are the
 short names the configs use. ResNets get the CIFAR-style stem (3x3 stride-1 conv, no max-pool) on
 small images, as the CIFAR references do; ViTs take ``img_size`` and ``patch_size`` from config.
+``channels_last`` stores the convolution weights NHWC (``backbone.channels_last``); the state dict
+keeps the same keys and values, only the strides differ.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def build_backbone(
     small_stem="auto",
     patch_size="auto",
     kwargs: dict | None = None,
+    channels_last: bool = False,
 ) -> tuple[nn.Module, int]:
     """Create a timm backbone without classifier; returns ``(module, feature_dim)``."""
     model_name = timm_name(name)
@@ -92,6 +95,8 @@ def build_backbone(
         with torch.no_grad():
             dim = model.eval()(torch.zeros(1, 3, image_size, image_size)).shape[-1]
         model.train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model, int(dim)
 
 
@@ -102,4 +107,5 @@ def backbone_from_config(bcfg, image_size: int) -> tuple[nn.Module, int]:
         small_stem=bcfg.get("small_stem", "auto"),
         patch_size=bcfg.get("patch_size", "auto"),
         kwargs=dict(bcfg.get("kwargs") or {}),
+        channels_last=bool(bcfg.get("channels_last", False)),
     )

@@ -50,13 +50,28 @@ def _values(override) -> list:
     return [value]
 
 
+def _override_args(args: list[str]) -> list[str]:
+    """The ``key=value`` overrides among command-line ``args``, parsed by Hydra's own argument parser
+    (so flag values such as ``job`` in ``--cfg job`` are not taken for overrides)."""
+    import contextlib
+    import io
+
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return get_args_parser().parse_known_args(args)[0].overrides
+    except SystemExit:  # a malformed flag (or --version): Hydra reports it itself
+        return []
+
+
 def check_overrides(args: list[str], config_name: str) -> None:
     """Validate command-line overrides before Hydra sees them (one-line ``ConfigError``)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    overrides = [a for a in args if not a.startswith("-")]
+    overrides = _override_args(args)
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:  # syntax error

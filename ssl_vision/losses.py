@@ -1,15 +1,38 @@
 """Loss functions: pure functions of tensors.
 
 Cross-rank gathering happens in the caller (``ssl_vision.distributed``); a loss receives the local
-tensors, the gathered ones, and this rank's offset into the gathered batch.
+tensors, the gathered ones, and this rank's offset into the gathered batch. Every loss runs in
+float32 with autocast off (``float32``), also when the trainer's precision is bf16/16-mixed.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
 
+def float32(loss_fn):
+    """Run ``loss_fn`` in float32 with autocast off; 16-bit tensor arguments are upcast.
+
+    Under mixed precision the heads run in bf16/fp16, but the losses must not: bf16 keeps 8
+    significant bits, so cosine similarities from 0.991 to 0.994 all become the same logit before
+    the division by the temperature, and squared pixel errors lose their small differences.
+    """
+    def up(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16) else x
+
+    @functools.wraps(loss_fn)
+    def wrapper(*args, **kwargs):
+        device = next(a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return loss_fn(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+
+    return wrapper
+
+
+@float32
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
             z1_all: torch.Tensor | None = None, z2_all: torch.Tensor | None = None,
             rank: int = 0) -> torch.Tensor:
@@ -36,6 +59,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
     return F.cross_entropy(logits, pos_idx)
 
 
+@float32
 def moco_v2_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
     """MoCo's InfoNCE against a queue of negatives (He et al. 2020, Alg. 1).
 
@@ -50,6 +74,7 @@ def moco_v2_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperat
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
+@float32
 def moco_v3_ctr(q: torch.Tensor, k_all: torch.Tensor, temperature: float, rank: int = 0) -> torch.Tensor:
     """MoCo v3's contrastive term ``ctr(q, k)`` scaled by 2T (Chen et al. 2021, Alg. 1).
 
@@ -69,6 +94,7 @@ def moco_v3_loss(q1: torch.Tensor, q2: torch.Tensor, k1_all: torch.Tensor, k2_al
     return moco_v3_ctr(q1, k2_all, temperature, rank) + moco_v3_ctr(q2, k1_all, temperature, rank)
 
 
+@float32
 def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = False,
              eps: float = 1e-6) -> torch.Tensor:
     """MAE's reconstruction loss: per-patch MSE averaged over the masked patches only.

@@ -92,3 +92,29 @@ def test_multirun_sweep_writes_a_table_of_every_job(tmp_path):
     assert "optimizer.lr=0.1" in table[1] and "optimizer.lr=0.3" in table[2]
     md = (tmp_path / "sweep" / "sweep_summary.md").read_text()
     assert md.count("| simclr |") == 2
+
+
+def test_launcher_overrides_and_hydra_flags_pass_the_check():
+    for args in (["-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "trainer=ddp",
+                  "trainer.devices=8"],
+                 ["-m", "hydra/launcher=submitit_slurm", "method=simclr,moco_v2"],
+                 ["--cfg", "job", "trainer.num_nodes=2"], ["-c", "hydra", "hydra/launcher=slurm"],
+                 ["--info", "defaults", "trainer.devices=2"]):
+        check_overrides(args, "train")
+    # a flag's value is not an override, but the overrides around it are still checked
+    with pytest.raises(ConfigError, match="unknown setting 'trainer.num_node'"):
+        check_overrides(["--cfg", "job", "trainer.num_node=2"], "train")
+
+
+def test_slurm_launcher_allocation_follows_the_trainer():
+    from hydra import compose, initialize_config_dir
+
+    from ssl_vision.config import conf_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8",
+                                          "trainer.num_nodes=2", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)

@@ -6,6 +6,10 @@ the online probe). The base class owns the backbone, the on-device augmentation,
 probe (detached features, its own parameter group without weight decay), the optimizer and
 warmup-cosine schedule with linear lr scaling by the global batch, and the momentum (EMA) encoder
 machinery used by the MoCo variants.
+
+It also owns the backbone's speed switches, so every method gets them: ``backbone.channels_last``
+(NHWC convolution weights, see ``backbones.py``; the augmented views are made NHWC to match) and
+``backbone.compile`` (``torch.compile`` of the backbone's forward, see ``configure_model``).
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ class SSLMethod(L.LightningModule, abc.ABC):
         self.cfg = cfg
         check_optimizer_config(cfg.optimizer)
         size = int(cfg.data.image_size)
-        self.backbone, self.feat_dim = backbone_from_config(cfg.backbone, size)
+        self.backbone, self.feat_dim = backbone_from_config(cfg.backbone, size)  # copies keep its memory format
+        self.channels_last = bool(cfg.backbone.get("channels_last", False))
         self.is_vit = hasattr(self.backbone, "blocks")
         kind = "vit" if self.is_vit else "resnet"
         if kind not in self.backbone_kinds:
@@ -83,6 +88,7 @@ class SSLMethod(L.LightningModule, abc.ABC):
             self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self._momentum_pairs: list[tuple[nn.Module, nn.Module]] = []
         self._ema_step = -1
+        self._compiled = False
 
     # --- subclass API -----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -121,11 +127,33 @@ class SSLMethod(L.LightningModule, abc.ABC):
             self._ema_step = self.global_step
             self.log("train/momentum", m)
 
+    # --- speed switches ----------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """``backbone.compile``: compile the backbone (and its momentum copies) when the Trainer starts.
+
+        ``nn.Module.compile`` compiles a module's forward in place, so parameter names, state dicts and
+        checkpoints stay those of the plain model. ResNets: the whole forward. ViTs: each transformer
+        block, because MAE's encoder runs the ViT's parts on the visible tokens rather than its forward
+        (the blocks hold nearly all of its FLOPs; one compiled graph serves every block).
+        """
+        mode = self.cfg.backbone.get("compile", False)
+        if not mode or self._compiled:
+            return
+        backbones = [self.backbone] + [t for online, t in self._momentum_pairs if online is self.backbone]
+        for backbone in backbones:
+            for module in (backbone.blocks if self.is_vit else [backbone]):
+                module.compile(mode=None if mode is True else str(mode))
+        self._compiled = True
+
     # --- data path --------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx=0):
         images, labels, indexes = batch
         training = self._trainer is not None and self.trainer.training
-        return (self.augment(images) if training else self.eval_transform(images)), labels, indexes
+        x = self.augment(images) if training else self.eval_transform(images)
+        if self.channels_last:  # NHWC views for the NHWC convolution weights
+            x = [v.contiguous(memory_format=torch.channels_last) for v in x] if training else \
+                x.contiguous(memory_format=torch.channels_last)
+        return x, labels, indexes
 
     # --- steps --------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -140,7 +168,7 @@ class SSLMethod(L.LightningModule, abc.ABC):
         if self.probe is not None:
             known = labels >= 0
             if known.any():
-                logits = self.probe(out["feats"].detach()[known])
+                logits = self.probe(out["feats"].detach()[known]).float()  # bf16 under autocast
                 probe_loss = F.cross_entropy(logits, labels[known])
                 acc = (logits.argmax(1) == labels[known]).float().mean()
                 self.log("train/probe_loss", probe_loss, on_step=False, on_epoch=True, sync_dist=True)

@@ -96,7 +96,7 @@ class MoCoV2(_MoCo):
         n = keys.shape[1]
         self.check_queue_size(n)
         ptr = int(self.queue_ptr)
-        self.queue[:, ptr:ptr + n] = F.normalize(keys, dim=-1).to(self.queue.dtype)
+        self.queue[:, ptr:ptr + n] = F.normalize(keys.to(self.queue.dtype), dim=-1)  # bf16 keys: normalize in fp32
         self.queue_ptr.fill_((ptr + n) % self.queue.shape[1])
 
     def forward_views(self, views):
