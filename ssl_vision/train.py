@@ -73,6 +73,39 @@ def build_trainer(cfg: DictConfig, out: Path, labelled: bool = True) -> tuple[L.
     return trainer, throughput
 
 
+def peak_memory(trainer: L.Trainer) -> dict:
+    """This process's peak memory so far, in MiB: ``torch.cuda.max_memory_allocated`` when it trained on a
+    GPU, else the peak resident set size (``ru_maxrss``); ``peak_memory_kind`` says which."""
+    if trainer.strategy.root_device.type == "cuda":
+        mb, kind = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**20, "cuda_max_memory_allocated"
+    else:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        mb, kind = rss / (2**20 if sys.platform == "darwin" else 1024), "cpu_peak_rss"
+    return {"peak_memory_mb": round(mb, 1), "peak_memory_kind": kind}
+
+
+def write_plots(out: Path, val_features=None, class_names=(), seed: int = 0) -> list[str]:
+    """``out/training_curves.png`` from ``out/metrics.csv``, and ``out/embedding.png`` of
+    ``val_features`` = (val_x (N, D), val_y (N,)) when given. A plot that fails is logged as one
+    warning and left out (a finished run is never lost to a plot); returns the paths written."""
+    from .plots import plot_embedding, plot_training_curves
+
+    jobs = [("training_curves.png", lambda path: plot_training_curves(out / "metrics.csv", path))]
+    if val_features is not None:
+        jobs.append(("embedding.png", lambda path: plot_embedding(*val_features, class_names, path, seed=seed)))
+    written = []
+    for name, plot in jobs:
+        try:
+            plot(out / name)
+            written.append(str(out / name))
+        except Exception as e:  # noqa: BLE001 - any plotting error must leave the run's results intact
+            log.warning("plots: %s was not written (%s: %s); the run's results are unaffected",
+                        name, type(e).__name__, e)
+    return written
+
+
 def run(cfg: DictConfig) -> dict:
     """Pre-train with ``cfg``, evaluate the backbone, write ``summary.json``; return the summary."""
     out = run_dir_of(cfg)
@@ -117,12 +150,18 @@ def run(cfg: DictConfig) -> dict:
     probe_acc = trainer.callback_metrics.get("val/probe_top1")
     summary["online_probe_top1"] = float(probe_acc) if probe_acc is not None else None
     summary["checkpoint"] = str(out / "checkpoints" / "last.ckpt")
+    val_features = None
     if evaluate:
-        summary.update(evaluate_backbone(model.backbone, dm, model.eval_transform, cfg.eval, model.device))
+        metrics, val_features = evaluate_backbone(model.backbone, dm, model.eval_transform, cfg.eval, model.device,
+                                                  return_features=True)
+        summary.update(metrics)
         dm.report_skipped("during evaluation")
     elif dm.num_classes == 0:
         log.warning("the data has no labels: linear probe and kNN were skipped")
+    summary.update(peak_memory(trainer))  # before the plots: the run's own peak
     if trainer.is_global_zero:
+        if cfg.get("plots", True):
+            summary["plots"] = write_plots(out, val_features, dm.class_names, int(cfg.seed))
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps(summary, indent=2))
     return summary
