@@ -3,7 +3,8 @@
 The DataLoader only delivers fixed-size uint8 canvases; ``MultiViewAugment`` turns such a batch
 into the list of augmented, normalized float views (one Kornia pipeline per view, so views can have
 their own parameters, as MoCo v3 and BYOL need). ``EvalTransform`` is the deterministic
-counterpart used for validation and feature extraction.
+counterpart used for validation and feature extraction, ``ProbeCrops`` the per-sample fixed
+random crops the offline linear probe trains on.
 
 View settings (every key can be given per view under ``augment.views.<name>``):
 
@@ -20,8 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import math
+
 import kornia.augmentation as K
 import torch
+from kornia.geometry.transform import crop_and_resize
 from torch import nn
 
 DEFAULT_VIEW = {
@@ -107,7 +111,8 @@ class EvalTransform(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, indexes: torch.Tensor | None = None) -> torch.Tensor:
+        """``indexes`` is accepted for ``ProbeCrops``' signature and not used: every sample gets the same crop."""
         x = to_float(images)
         h, w = x.shape[-2:]
         if min(h, w) > self.size:
@@ -116,6 +121,43 @@ class EvalTransform(nn.Module):
         elif (h, w) != (self.size, self.size):
             x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+class ProbeCrops(nn.Module):
+    """Random resized crop + flip for training the offline linear probe, fixed per sample.
+
+    The standard linear protocol (MoCo, SimCLR, solo-learn) trains the head on random crops and
+    flips and tests on center crops. Here the features of ``copies`` augmented versions of each
+    image are extracted once; copy ``c`` of sample ``i`` always gets the same crop, drawn from a
+    table seeded by ``(seed, c)`` and looked up by dataset index, so the features do not depend on
+    batch order or on how the data are sharded over ranks.
+    """
+
+    def __init__(self, normalize: "EvalTransform", num_samples: int, copy: int, seed: int = 0,
+                 crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_prob: float = 0.5):
+        super().__init__()
+        self.normalize, self.size, self.flip_prob = normalize, normalize.size, float(flip_prob)
+        self.crop_scale, self.log_ratio = tuple(crop_scale), (math.log(crop_ratio[0]), math.log(crop_ratio[1]))
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(copy))
+        self.register_buffer("uniform", torch.rand(num_samples, 5, generator=g), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, indexes: torch.Tensor) -> torch.Tensor:
+        x = to_float(images)
+        h, w = x.shape[-2:]
+        u = self.uniform[indexes.cpu()].to(x.device)
+        lo, hi = self.crop_scale
+        area = (lo + (hi - lo) * u[:, 0]) * h * w
+        ratio = torch.exp(self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * u[:, 1])
+        cw = (area * ratio).sqrt().clamp(1, w)
+        ch = (area / ratio).sqrt().clamp(1, h)
+        x0, y0 = u[:, 2] * (w - cw), u[:, 3] * (h - ch)
+        x1, y1 = x0 + cw - 1, y0 + ch - 1
+        boxes = torch.stack([torch.stack(c, dim=1) for c in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))], dim=1)
+        x = crop_and_resize(x, boxes, (self.size, self.size))
+        flip = u[:, 4] < self.flip_prob
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return self.normalize(x)
 
 
 def build_augment(acfg, size: int, mean, std) -> MultiViewAugment:

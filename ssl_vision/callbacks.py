@@ -40,7 +40,7 @@ class LastCheckpoint(L.Callback):
             bad = [n for n, p in trainer.lightning_module.named_parameters() if not torch.isfinite(p).all()]
             if bad:  # never replace the last good checkpoint with a broken state
                 raise FloatingPointError(f"non-finite weights after step {trainer.global_step} (e.g. {bad[0]})")
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # full state: resumable
             self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

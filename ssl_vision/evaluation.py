@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from .augment import EvalTransform, ProbeCrops
 from .distributed import gather_variable
 
 
@@ -43,6 +44,8 @@ def shard(loader):
 def extract_features(backbone: nn.Module, loader, transform: nn.Module, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N, D) float32 on CPU and labels (N,) of every sample of ``loader``'s dataset.
 
+    ``transform(images_uint8, indexes)`` makes the backbone's input (``EvalTransform``, ``ProbeCrops``).
+
     Under DDP each rank embeds its share; the shares are gathered and put back in dataset order,
     so the result (and every probe on it) is the same for any number of ranks.
     """
@@ -51,7 +54,7 @@ def extract_features(backbone: nn.Module, loader, transform: nn.Module, device) 
     feats, labels, indexes = [], [], []
     try:
         for images, y, idx in shard(loader):
-            x = transform(images.to(device, non_blocking=True))
+            x = transform(images.to(device, non_blocking=True), idx)
             feats.append(backbone(x).float())
             labels.append(y.to(device))
             indexes.append(idx.to(device))
@@ -69,20 +72,29 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, k: in
 
 def linear_probe(train_x, train_y, val_x, val_y, num_classes: int, epochs: int = 100, lr: float = 0.1,
                  weight_decay: float = 5e-4, batch_size: int = 256, seed: int = 0) -> dict:
-    """Train a linear classifier on frozen (standardized) features; top-1 / top-5 on validation."""
+    """Train a linear classifier on frozen (standardized) features; top-1 / top-5 on validation.
+
+    train_x: (N, D) features, or (C, N, D) features of C augmented copies of the N training images;
+    epoch ``e`` then trains on copy ``e % C`` (every image once per epoch, as the standard protocol
+    does with fresh random crops). val_x: (M, D).
+    """
     g = torch.Generator().manual_seed(seed)
-    mean, std = train_x.mean(0, keepdim=True), train_x.std(0, keepdim=True).clamp_min(1e-6)
-    tx, vx = (train_x - mean) / std, (val_x - mean) / std
-    head = nn.Linear(tx.shape[1], num_classes)
+    copies = train_x if train_x.ndim == 3 else train_x[None]
+    flat = copies.reshape(-1, copies.shape[-1])
+    mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
+    copies, vx = (copies - mean) / std, (val_x - mean) / std
+    n = copies.shape[1]
+    head = nn.Linear(copies.shape[-1], num_classes)
     with torch.no_grad():
         head.weight.normal_(0, 0.01, generator=g)
         head.bias.zero_()
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    steps_per_epoch = max(1, -(-len(tx) // batch_size))
+    steps_per_epoch = max(1, -(-n // batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-    for _ in range(epochs):
-        order = torch.randperm(len(tx), generator=g)
-        for i in range(0, len(tx), batch_size):
+    for epoch in range(epochs):
+        tx = copies[epoch % len(copies)]
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n, batch_size):
             idx = order[i : i + batch_size]
             loss = F.cross_entropy(head(tx[idx]), train_y[idx])
             opt.zero_grad(set_to_none=True)
@@ -111,11 +123,16 @@ def knn_scores(train_x, train_y, val_x, num_classes: int, k: int = 20, temperatu
     return torch.cat(out)
 
 
-def evaluate_features(train_x, train_y, val_x, val_y, num_classes: int, ecfg) -> dict:
-    """Linear probe and kNN metrics from extracted features, keyed as in ``summary.json``."""
+def evaluate_features(train_x, train_y, val_x, val_y, num_classes: int, ecfg, linear_x=None) -> dict:
+    """Linear probe and kNN metrics from extracted features, keyed as in ``summary.json``.
+
+    train_x (N, D): center-crop features, the kNN's memory bank; the linear head trains on
+    ``linear_x`` (C, N, D), the features of C augmented copies, when given, else on ``train_x``.
+    """
     lin = ecfg.linear
-    res = linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=int(lin.epochs), lr=float(lin.lr),
-                       weight_decay=float(lin.weight_decay), batch_size=int(lin.batch_size), seed=int(ecfg.seed))
+    res = linear_probe(train_x if linear_x is None else linear_x, train_y, val_x, val_y, num_classes,
+                       epochs=int(lin.epochs), lr=float(lin.lr), weight_decay=float(lin.weight_decay),
+                       batch_size=int(lin.batch_size), seed=int(ecfg.seed))
     out = {"linear_probe_top1": res["top1"], "linear_probe_top5": res["top5"]}
     for k in ecfg.knn.k:
         scores = knn_scores(train_x, train_y, val_x, num_classes, int(k), float(ecfg.knn.temperature))
@@ -124,17 +141,31 @@ def evaluate_features(train_x, train_y, val_x, val_y, num_classes: int, ecfg) ->
     return out
 
 
-def evaluate_backbone(backbone: nn.Module, datamodule, transform: nn.Module, ecfg, device="cpu") -> dict:
-    """Extract train/val features with the frozen backbone and run both probes."""
+def evaluate_backbone(backbone: nn.Module, datamodule, transform: EvalTransform, ecfg, device="cpu",
+                      return_features: bool = False):
+    """Extract features with the frozen backbone and run both probes: the metrics dict, or with
+    ``return_features`` ``(metrics, (val_x (N, D), val_y (N,)))`` (CPU tensors, e.g. for plots).
+
+    Validation and the kNN bank use center crops (``transform``); the linear head trains on
+    ``eval.linear.augment_copies`` fixed random crops of each training image (``ProbeCrops``), or on
+    the center crops when that is 0.
+    """
     before = weights_checksum(backbone)
     train_loader, val_loader = datamodule.probe_dataloaders(batch_size=int(ecfg.batch_size))
     transform = transform.to(device)
     train_x, train_y = extract_features(backbone, train_loader, transform, device)
     val_x, val_y = extract_features(backbone, val_loader, transform, device)
+    lin, linear_x = ecfg.linear, None
+    if int(lin.get("augment_copies", 0)) > 0:
+        crops = [ProbeCrops(transform, len(train_loader.dataset), c, int(ecfg.seed), tuple(lin.crop_scale),
+                            flip_prob=float(lin.flip_prob)).to(device) for c in range(int(lin.augment_copies))]
+        linear_x = torch.stack([extract_features(backbone, train_loader, t, device)[0] for t in crops])
     if weights_checksum(backbone) != before:
         raise RuntimeError("evaluation changed the backbone's weights or BatchNorm statistics")
     known = train_y >= 0
-    return evaluate_features(train_x[known], train_y[known], val_x, val_y, datamodule.num_classes, ecfg)
+    metrics = evaluate_features(train_x[known], train_y[known], val_x, val_y, datamodule.num_classes, ecfg,
+                                None if linear_x is None else linear_x[:, known])
+    return (metrics, (val_x, val_y)) if return_features else metrics
 
 
 def load_checkpoint(path) -> dict:

@@ -29,6 +29,16 @@ def probe_data_config(train_cfg: DictConfig, override: DictConfig | None) -> Dic
     return data
 
 
+def probe_eval_config(train_cfg: DictConfig, cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """On the run's own data, the evaluation settings the run itself used (so the probe reproduces its
+    numbers) with the ``eval.*`` keys of the command line ``overrides`` on top; on other data
+    (``data=...`` given) ``cfg.eval``, the defaults of conf/eval with the command line applied."""
+    if cfg.get("data") is not None or "eval" not in train_cfg:
+        return cfg.eval
+    given = [o.lstrip("+") for o in overrides if o.lstrip("+").startswith("eval.")]
+    return OmegaConf.merge(train_cfg.eval, OmegaConf.from_dotlist(given).get("eval", {}))
+
+
 def probe(cfg: DictConfig) -> dict:
     if not cfg.checkpoint:
         raise ConfigError("checkpoint: not set; usage: ssl-vision-probe checkpoint=<run dir>/checkpoints/last.ckpt")
@@ -36,6 +46,8 @@ def probe(cfg: DictConfig) -> dict:
     train_cfg = OmegaConf.create(ckpt["hyper_parameters"]["cfg"])
     backbone, _ = backbone_from_checkpoint(ckpt)
     dcfg = probe_data_config(train_cfg, cfg.get("data"))
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    ecfg = probe_eval_config(train_cfg, cfg, overrides)
     dm = SSLDataModule(dcfg)
     dm.setup()
     if dm.num_classes == 0:
@@ -44,7 +56,7 @@ def probe(cfg: DictConfig) -> dict:
     transform = EvalTransform(int(dcfg.image_size), list(train_cfg.data.mean), list(train_cfg.data.std))
     result = {"checkpoint": str(cfg.checkpoint), "method": train_cfg.method.name,
               "backbone": train_cfg.backbone.name, "data": dcfg.name}
-    result.update(evaluate_backbone(backbone.to(device), dm, transform, cfg.eval, device))
+    result.update(evaluate_backbone(backbone.to(device), dm, transform, ecfg, device))
     out = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
     if out is not None:
         (out / "probe.json").write_text(json.dumps(result, indent=2) + "\n")

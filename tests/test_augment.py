@@ -2,7 +2,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ssl_vision.augment import EvalTransform, MultiViewAugment, build_augment
+from ssl_vision.augment import EvalTransform, MultiViewAugment, ProbeCrops, build_augment
 from ssl_vision.config import ConfigError
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
@@ -68,3 +68,26 @@ def test_eval_transform_is_deterministic_center_crop():
     assert out.shape == (2, 3, 32, 32) and torch.equal(out, t(x))
     expected = (x[:, :, 4:36, 4:36].float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_probe_crops_are_fixed_per_sample_index_and_copy():
+    x, idx = batch(8, 40), torch.arange(10, 18)
+    norm = EvalTransform(32, MEAN, STD)
+    crops = ProbeCrops(norm, num_samples=20, copy=0, seed=0, crop_scale=(0.2, 1.0), flip_prob=0.5)
+    out = crops(x, idx)
+    assert out.shape == (8, 3, 32, 32) and out.dtype == torch.float32
+    # the same sample gets the same crop in any batch composition or order (sharding over ranks)
+    assert torch.allclose(crops(x[[5, 2]], idx[[5, 2]]), out[[5, 2]], atol=1e-6)
+    assert torch.allclose(ProbeCrops(norm, 20, 0, 0, (0.2, 1.0))(x, idx), out)
+    # another copy (or seed) crops differently, and a crop differs from the center view
+    assert not torch.allclose(ProbeCrops(norm, 20, 1, 0, (0.2, 1.0))(x, idx), out)
+    assert not torch.allclose(out, norm(x))
+
+
+def test_probe_crop_of_the_whole_image_without_flip_is_the_resized_image():
+    x = batch(4, 32)
+    norm = EvalTransform(32, MEAN, STD)
+    crops = ProbeCrops(norm, 4, 0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0)
+    assert torch.allclose(crops(x, torch.arange(4)), norm(x), atol=1e-5)
+    flipped = ProbeCrops(norm, 4, 0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=1.0)
+    assert torch.allclose(flipped(x, torch.arange(4)), norm(x).flip(-1), atol=1e-5)

@@ -52,3 +52,53 @@ def test_checksum_sees_bn_statistics():
     before = weights_checksum(bn)
     bn(torch.randn(4, 3))
     assert weights_checksum(bn) != before
+
+
+def test_linear_probe_on_copies_trains_on_copy_epoch_mod_c():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 8, generator=g), torch.randint(0, 3, (60,), generator=g)
+    one = linear_probe(x[:40], y[:40], x[40:], y[40:], 3, epochs=6, seed=1)
+    # identical copies: the same training as on the features themselves (standardized over copies)
+    same = linear_probe(torch.stack([x[:40]] * 3), y[:40], x[40:], y[40:], 3, epochs=6, seed=1)
+    assert same == one
+    # the copies are used: a useless second copy changes the result
+    noisy = torch.stack([x[:40], torch.randn(40, 8, generator=g) * 10])
+    assert linear_probe(noisy, y[:40], x[40:], y[40:], 3, epochs=6, seed=1) != one
+
+
+def test_linear_head_trains_on_augmented_copies_and_knn_on_center_crops(make_cfg, monkeypatch):
+    import ssl_vision.evaluation as E
+    from ssl_vision.data import SSLDataModule
+
+    seen = []
+    real = E.linear_probe
+    monkeypatch.setattr(E, "linear_probe", lambda train_x, *a, **k: seen.append(train_x) or real(train_x, *a, **k))
+    cfg = make_cfg("data=synthetic", "eval.linear.epochs=2", "eval.linear.augment_copies=2")
+    dm = SSLDataModule(cfg.data)
+    dm.setup()
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("resnet18_tiny", 16)
+    t = EvalTransform(16, [0.5] * 3, [0.5] * 3)
+    a = E.evaluate_backbone(backbone, dm, t, cfg.eval)
+    assert a == E.evaluate_backbone(backbone, dm, t, cfg.eval)  # deterministic
+    n = len(dm.probe_train_set)
+    assert seen[0].shape == (2, n, dim) and torch.equal(seen[0], seen[1])
+    assert not torch.allclose(seen[0][0], seen[0][1])  # two different crops of every image
+    center, _ = E.extract_features(backbone, dm.probe_dataloaders(64)[0], t, "cpu")
+    assert not torch.allclose(seen[0][0], center)
+    cfg.eval.linear.augment_copies = 0
+    b = E.evaluate_backbone(backbone, dm, t, cfg.eval)
+    assert torch.allclose(seen[2], center)  # no copies: the head trains on the center crops
+    assert b["knn_top1"] == a["knn_top1"]  # the kNN bank is the center crops either way
+
+
+def test_probe_uses_the_runs_eval_settings_with_command_line_eval_keys_on_top(make_cfg):
+    from ssl_vision.probe import probe_eval_config
+
+    train_cfg = make_cfg()  # digits: the probe's crops are 0.4-1 without flips
+    probe_cfg = make_cfg(config_name="probe")
+    ecfg = probe_eval_config(train_cfg, probe_cfg, ["checkpoint=x", "eval.linear.epochs=7", "+eval.knn.temperature=0.1"])
+    assert list(ecfg.linear.crop_scale) == [0.4, 1.0] and ecfg.linear.flip_prob == 0.0
+    assert ecfg.linear.epochs == 7 and ecfg.knn.temperature == 0.1
+    other = make_cfg("data=synthetic", config_name="probe")  # another data set: the default protocol
+    assert list(probe_eval_config(train_cfg, other, []).linear.crop_scale) == [0.08, 1.0]
