@@ -17,9 +17,8 @@ backbone); the runner reads each run's ``summary.json`` and writes into OUT:
   plus random-init rows, the command and the machine;
 - ``results.png``: linear and kNN top-1 per method, random-init baselines as horizontal lines.
 
-Defaults a method gets unless the command line sets the key: MAE (ViT only) ``backbone=vit_tiny``;
-MoCo v2 on the small in-memory data sets (digits, the default, and synthetic)
-``method.queue_size=1024`` (its 65536 keys are more than those data sets hold). A previous run in
+MAE (ViT only) gets ``backbone=vit_tiny`` unless the command line names a backbone; every other
+setting is the run's own config (e.g. conf/data_method/digits_moco_v2.yaml). A previous run in
 OUT/NAME is replaced: every run starts fresh. Exits 1 if any run failed, after writing the others.
 """
 
@@ -45,7 +44,6 @@ from bench import device_name  # noqa: E402
 from ssl_vision.methods import METHODS  # noqa: E402
 from ssl_vision.sweep import _fmt  # noqa: E402
 
-SMALL_DATA = ("digits", "synthetic")  # in memory, a few thousand images at most
 COLUMNS = ["method", "backbone", "epochs", "linear top-1", "linear top-5", "kNN top-1", "train time (s)",
            "peak memory (MiB)"]
 
@@ -80,9 +78,6 @@ def run_overrides(method: str, backbone: str | None, overrides: list[str]) -> li
         out.append(f"backbone={backbone}")
     elif method == "mae" and _value(overrides, "backbone") is None:
         out.append("backbone=vit_tiny")
-    data = _value(overrides, "data") or ("digits" if _value(overrides, "experiment") is None else None)
-    if method == "moco_v2" and data in SMALL_DATA and _value(overrides, "method.queue_size") is None:
-        out.append("method.queue_size=1024")
     return out + list(overrides)
 
 
