@@ -77,9 +77,9 @@ class MoCoV2(_MoCo):
         self.check_queue_size(per_step)
         images = len(getattr(self.trainer.datamodule, "pretrain_set", None) or ())
         if k > images > 0:
-            log.warning("method.queue_size=%d exceeds the %d training images, so most negatives are stale or random "
-                        "keys; small data wants a smaller queue, e.g. method.queue_size=%d", k, images,
-                        per_step * max(1, round(0.75 * images / per_step)))
+            log.warning("method.queue_size=%d exceeds the %d training images, so a query meets old keys of its own "
+                        "image among the negatives (and the queue starts as random keys); small data wants a smaller "
+                        "queue, e.g. method.queue_size=%d", k, images, per_step * max(1, images // (5 * per_step)))
 
     def check_queue_size(self, keys_per_step: int) -> None:
         k = self.queue.shape[1]
@@ -116,8 +116,9 @@ class MoCoV3(_MoCo):
     def __init__(self, cfg, num_classes: int):
         super().__init__(cfg, num_classes)
         m = self.cfg.method
+        # as the reference builds it: no Linear has a bias; ViT: final BN without affine
         self.predictor = mlp(m.proj_output_dim, m.pred_hidden_dim, m.proj_output_dim, layers=2,
-                             last_bn=self.is_vit, last_bn_affine=False)  # ViT: final BN as in the reference
+                             last_bn=self.is_vit, last_bn_affine=False, last_bias=False)
         t = m.get("temperature", "auto")
         self.temperature = (0.2 if self.is_vit else 1.0) if t in (None, "auto") else float(t)
 
