@@ -146,15 +146,21 @@ class ConcatImages(Dataset):
 class SkipUnreadable:
     """``collate_fn`` that drops samples whose file could not be decoded (image ``None``).
 
-    A batch can therefore be smaller than the batch size, and empty - ``(0, 3, C, C)`` - when
-    every file in it was unreadable.
+    Evaluation loaders (``refill=False``) keep every readable sample exactly once, so a batch can be
+    smaller than the batch size. The pre-training loader (``refill=True``) fills the gaps with
+    repeats of the batch's readable samples, so every step keeps the configured batch size: the
+    MoCo v2 queue advances by whole batches, and under DDP every rank gathers tensors of one shape.
+    A batch is empty - ``(0, 3, C, C)`` - only when every file in it was unreadable.
     """
 
-    def __init__(self, canvas: int):
+    def __init__(self, canvas: int, refill: bool = False):
         self.canvas = int(canvas)
+        self.refill = bool(refill)
 
     def __call__(self, batch):
         good = [b for b in batch if b[0] is not None]
+        if self.refill and good:
+            good += [good[i % len(good)] for i in range(len(batch) - len(good))]
         if not good:
             c = self.canvas
             empty = torch.empty(0, dtype=torch.long)
@@ -623,7 +629,7 @@ class SSLDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def _loader(self, dataset, shuffle: bool, drop_last: bool, batch_size=None):
+    def _loader(self, dataset, shuffle: bool, drop_last: bool, batch_size=None, refill: bool = False):
         workers = int(self.cfg.num_workers)
         return DataLoader(
             dataset,
@@ -631,13 +637,13 @@ class SSLDataModule(L.LightningDataModule):
             shuffle=shuffle,
             drop_last=drop_last,
             num_workers=workers,
-            collate_fn=SkipUnreadable(self.cfg.canvas_size),
+            collate_fn=SkipUnreadable(self.cfg.canvas_size, refill),
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
         )
 
     def train_dataloader(self):
-        return self._loader(self.pretrain_set, shuffle=True, drop_last=True)
+        return self._loader(self.pretrain_set, shuffle=True, drop_last=True, refill=True)
 
     def val_dataloader(self):
         if self.val_set is None:  # unlabelled data: nothing to validate the online probe on

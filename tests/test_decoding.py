@@ -211,6 +211,27 @@ def test_a_batch_of_only_broken_files_is_empty_not_an_error(tmp_path):
     assert labels.shape == idx.shape == (0,) and labels.dtype == idx.dtype == torch.long
 
 
+def test_pretraining_batches_keep_their_size_by_repeating_readable_samples(tmp_path, make_cfg):
+    """A short batch would break the MoCo v2 queue (whole batches) and DDP gathers (one shape)."""
+    broken, _ = write_tree_with_broken_files(tmp_path, good_per_class=2)
+    paths = sorted(p for p in tmp_path.rglob("*") if p.is_file())  # 4 good, 2 awkward, 3 broken
+    ds = ImageFiles(paths, list(range(len(paths))), 8)
+    broken_idx = {i for i, p in enumerate(paths) if p.name in broken}
+    images, labels, idx = next(iter(torch.utils.data.DataLoader(ds, batch_size=len(paths),
+                                                                collate_fn=SkipUnreadable(8, refill=True))))
+    assert images.shape == (9, 3, 8, 8) and labels.shape == idx.shape == (9,) and ds.take_skipped() == 3
+    assert len(set(idx.tolist())) == 6 and not set(idx.tolist()) & broken_idx  # fillers: readable samples
+    assert torch.equal(labels, idx)  # each filler is a whole sample: image, label and index together
+    for i, j in zip(idx.tolist(), range(9)):
+        assert torch.equal(images[j], ds[i][0])
+    # the DataModule refills its pre-training batches only; evaluation sees each readable image once
+    dm = SSLDataModule(make_cfg("data=imagefolder", f"data.path={tmp_path}", "data.canvas_size=8",
+                                "data.batch_size=2", "data.num_workers=0").data)
+    dm.setup()
+    assert dm.train_dataloader().collate_fn.refill
+    assert not any(loader.collate_fn.refill for loader in dm.probe_dataloaders())
+
+
 class _MeanColour(L.LightningModule):
     """The smallest model that trains on the (images, labels, indexes) batches."""
 
