@@ -168,13 +168,15 @@ def test_mae_trains_in_lightning_and_the_online_probe_learns(make_cfg):
     cfg = make_cfg(*TINY_MAE, "data.batch_size=32")
     torch.manual_seed(0)
     model = build_method(cfg, 4)
-    probe = model.probe.weight.detach().clone()
+    # the online probe standardizes the features first (BN without affine), as MAE's linear probe does
+    assert isinstance(model.probe[0], torch.nn.BatchNorm1d) and not model.probe[0].affine
+    probe = model.probe[-1].weight.detach().clone()
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0)
     trainer.fit(model, datamodule=SSLDataModule(cfg.data))
     assert trainer.global_step == 3
-    assert not torch.equal(model.probe.weight, probe)
+    assert not torch.equal(model.probe[-1].weight, probe)
     assert torch.isfinite(trainer.callback_metrics["train/loss_step"])
 
 

@@ -32,14 +32,16 @@ from ..optim import build_optimizer, check_optimizer_config, scaled_lr, split_de
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, last_bn: bool = False,
-        last_bn_affine: bool = True) -> nn.Sequential:
-    """Projection/prediction MLP: (Linear-BN-ReLU) x (layers-1), Linear, optional final BN."""
+        last_bn_affine: bool = True, last_bias: bool | None = None) -> nn.Sequential:
+    """Projection/prediction MLP: (Linear-BN-ReLU) x (layers-1), Linear, optional final BN.
+
+    The last Linear has a bias unless a final BN follows (``last_bias`` overrides that)."""
     mods: list[nn.Module] = []
     dim = in_dim
     for _ in range(layers - 1):
         mods += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
         dim = hidden_dim
-    mods.append(nn.Linear(dim, out_dim, bias=not last_bn))
+    mods.append(nn.Linear(dim, out_dim, bias=not last_bn if last_bias is None else last_bias))
     if last_bn:
         mods.append(nn.BatchNorm1d(out_dim, affine=last_bn_affine))
     return nn.Sequential(*mods)
@@ -57,6 +59,15 @@ def ema_update(online: nn.Module, target: nn.Module, momentum: float) -> None:
     """target = momentum * target + (1 - momentum) * online, parameters only (BN stats stay own)."""
     for po, pt in zip(online.parameters(), target.parameters()):
         pt.mul_(momentum).add_(po.detach(), alpha=1.0 - momentum)
+
+
+def probe_lr(cfg) -> float:
+    """The online probe's learning rate: ``probe.lr``, or for ``auto`` one that suits the optimizer the
+    probe shares with the method (AdamW's step is ~lr whatever the gradient's scale, SGD's is not)."""
+    lr = cfg.probe.get("lr", "auto")
+    if lr in (None, "auto"):
+        return 1e-3 if cfg.optimizer.name == "adamw" else 0.1
+    return float(lr)
 
 
 class SSLMethod(L.LightningModule, abc.ABC):
@@ -83,7 +94,11 @@ class SSLMethod(L.LightningModule, abc.ABC):
         self.augment = build_augment(cfg.augment, size, mean, std)
         self.eval_transform = EvalTransform(size, mean, std)
         self.num_classes = num_classes
-        self.probe = nn.Linear(self.feat_dim, num_classes) if num_classes > 0 else None
+        # online probe: BatchNorm without affine, then linear (MAE's probe head; the offline probe
+        # standardizes its features likewise): ViT [CLS] features share a large mean and vary little
+        # around it, which a plain linear head trained alongside the encoder hardly learns from
+        self.probe = nn.Sequential(nn.BatchNorm1d(self.feat_dim, affine=False),
+                                   nn.Linear(self.feat_dim, num_classes)) if num_classes > 0 else None
         if self.probe is not None:
             self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self._momentum_pairs: list[tuple[nn.Module, nn.Module]] = []
@@ -167,7 +182,7 @@ class SSLMethod(L.LightningModule, abc.ABC):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
         if self.probe is not None:
             known = labels >= 0
-            if known.any():
+            if known.sum() > 1:  # the probe's BatchNorm needs two samples (label_fraction can leave fewer)
                 logits = self.probe(out["feats"].detach()[known]).float()  # bf16 under autocast
                 probe_loss = F.cross_entropy(logits, labels[known])
                 acc = (logits.argmax(1) == labels[known]).float().mean()
@@ -229,7 +244,7 @@ class SSLMethod(L.LightningModule, abc.ABC):
         ]
         if self.probe is not None:
             groups.append({"name": "probe", "params": list(self.probe.parameters()),
-                           "lr": float(self.cfg.probe.lr), "weight_decay": 0.0, "lars_exclude": True})
+                           "lr": probe_lr(self.cfg), "weight_decay": 0.0, "lars_exclude": True})
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self):
