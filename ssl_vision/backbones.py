@@ -38,7 +38,7 @@ def timm_name(name: str) -> str:
     resolved = PRESETS.get(name, name)
     if resolved not in timm.list_models():
         known = list(PRESETS) + timm.list_models()
-        close = difflib.get_close_matches(name, known, n=4, cutoff=0.6)
+        close = difflib.get_close_matches(name, list(dict.fromkeys(known)), n=4, cutoff=0.6)
         hint = f"; close matches: {', '.join(close)}" if close else ""
         raise ConfigError(
             f"backbone.name: unknown timm model '{name}'{hint} (presets: {', '.join(PRESETS)})"
@@ -80,9 +80,12 @@ def build_backbone(
     if is_vit_name:
         patch = resolve_patch_size(patch_size, image_size)
         if image_size % patch:
+            patches = [p for p in range(2, 33) if image_size % p == 0 and image_size // p >= 2][-3:]
             raise ConfigError(
                 f"backbone.patch_size: image size {image_size} is not divisible by the ViT patch {patch}; "
-                f"choose a patch that divides it (e.g. {', '.join(str(p) for p in (4, 8, 16) if image_size % p == 0)})"
+                + (f"use backbone.patch_size={' or '.join(str(p) for p in patches)}" if patches else
+                   "use a patch that divides it")
+                + f", or data.image_size={(image_size // patch or 1) * patch} for patch {patch}"
             )
         kwargs.update(img_size=image_size, patch_size=patch)
     model = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import AtomicCheckpointIO, LastCheckpoint, Throughput
@@ -68,9 +69,20 @@ def build_trainer(cfg: DictConfig, out: Path, labelled: bool = True) -> tuple[L.
     throughput = Throughput()
     callbacks = [LastCheckpoint(out / "checkpoints", every_n_steps=cfg.checkpoint.every_n_steps), throughput,
                  SkippedFilesReport()]
-    trainer = L.Trainer(**kwargs, default_root_dir=str(out), logger=CSVLogger(str(out), name="", version=""),
-                        callbacks=callbacks, enable_checkpointing=False, plugins=[AtomicCheckpointIO()])
+    try:
+        trainer = L.Trainer(**kwargs, default_root_dir=str(out), logger=CSVLogger(str(out), name="", version=""),
+                            callbacks=callbacks, enable_checkpointing=False, plugins=[AtomicCheckpointIO()])
+    except (ValueError, TypeError, ImportError, MisconfigurationException) as e:  # Lightning's own check of a trainer.* value
+        raise ConfigError(f"trainer{_trainer_key(str(e), kwargs)}: {' '.join(str(e).split())}") from None
     return trainer, throughput
+
+
+def _trainer_key(message: str, kwargs: dict) -> str:
+    """``.precision`` when Lightning's ``message`` names that trainer setting (its messages say which)."""
+    lowered = message.lower()
+    named = [k for k in kwargs if f"{k}=" in lowered] or \
+        [k for k in kwargs if k.replace("_", " ") in lowered or k in lowered]
+    return f".{max(named, key=len)}" if named else ""
 
 
 def peak_memory(trainer: L.Trainer) -> dict:
@@ -129,13 +141,25 @@ def run(cfg: DictConfig) -> dict:
     if HydraConfig.initialized():
         summary["overrides"] = list(HydraConfig.get().overrides.task)
     evaluate = bool(cfg.eval.enabled) and dm.num_classes > 0
+    # the Trainer's device for this rank (Lightning moves the model back to the CPU after fit)
+    device = trainer.strategy.root_device
+    baseline_file = out / "random_init.json"  # kept for a resumed run's summary
     if evaluate and cfg.eval.random_init_baseline and ckpt_path is None:
-        base = evaluate_backbone(model.backbone, dm, model.eval_transform, cfg.eval, model.device)
-        summary["random_init_linear_probe_top1"] = base["linear_probe_top1"]
-        summary["random_init_knn_top1"] = base["knn_top1"]
+        base = evaluate_backbone(model.backbone.to(device), dm, model.eval_transform, cfg.eval, device)
+        baseline = {"random_init_linear_probe_top1": base["linear_probe_top1"],
+                    "random_init_knn_top1": base["knn_top1"]}
+        summary.update(baseline)
+        if trainer.is_global_zero:
+            baseline_file.write_text(json.dumps(baseline, indent=2) + "\n")
         log.info("random-init backbone: linear top-1 %.4f, kNN top-1 %.4f", base["linear_probe_top1"], base["knn_top1"])
     if ckpt_path is not None:
         log.info("resuming from %s", ckpt_path)
+        if evaluate and cfg.eval.random_init_baseline and baseline_file.is_file():
+            summary.update(json.loads(baseline_file.read_text()))
+    elif HydraConfig.initialized() and HydraConfig.get().mode.name == "RUN" and trainer.is_global_zero:
+        command = " ".join(["ssl-vision-train", *summary.get("overrides", []), f"hydra.run.dir={out}"])
+        log.info("run directory %s; if this run is interrupted, the same command with hydra.run.dir "
+                 "continues it from its last checkpoint: %s", out, command)
 
     start = time.perf_counter()
     try:
@@ -152,7 +176,7 @@ def run(cfg: DictConfig) -> dict:
     summary["checkpoint"] = str(out / "checkpoints" / "last.ckpt")
     val_features = None
     if evaluate:
-        metrics, val_features = evaluate_backbone(model.backbone, dm, model.eval_transform, cfg.eval, model.device,
+        metrics, val_features = evaluate_backbone(model.backbone.to(device), dm, model.eval_transform, cfg.eval, device,
                                                   return_features=True)
         summary.update(metrics)
         dm.report_skipped("during evaluation")

@@ -14,8 +14,9 @@ CASES = {
     "batch > data": (["data.batch_size=100000"], "data.batch_size: 100000 is larger than the training set"),
     "queue vs batch": (["method=moco_v2", "method.queue_size=100"], "method.queue_size: 100 is not a multiple"),
     "mae on resnet": (["method=mae"], "needs a vit backbone"),
-    "patch": (["backbone=vit_tiny", "backbone.patch_size=5"], "backbone.patch_size: image size 16 is not divisible"),
+    "patch": (["backbone=vit_tiny", "backbone.patch_size=5"], "backbone.patch_size: image size 16 is not divisible by the ViT patch 5; use backbone.patch_size=2 or 4 or 8"),
     "unknown timm": (["backbone.name=resnet181"], "backbone.name: unknown timm model 'resnet181'; close matches: resnet18"),
+    "bad precision": (["trainer.precision=8"], "trainer.precision: Precision 8 is invalid. Allowed precision values:"),
     "unknown optimizer": (["optimizer.name=adam"], "optimizer.name: unknown optimizer 'adam'; choose one of: sgd, adamw, lars"),
 }
 
@@ -34,6 +35,8 @@ def test_bad_setting_is_one_line_before_training(tmp_path, case):
     assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
     assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was trained
+    close = lines[0].partition("close matches: ")[2].partition(" (")[0].split(", ")
+    assert len(close) == len(set(close))  # each suggestion once
 
 
 def test_checkpoint_of_another_method_is_refused_on_resume(tmp_path):
