@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
+
+# torch 2.x flags torch.distributed.nn.functional.all_gather as deprecated in favour of a private
+# module; it is the public differentiable gather (DESIGN.md), so the per-rank warning is noise
+warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*", category=FutureWarning)
 
 
 def is_dist() -> bool:

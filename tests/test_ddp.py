@@ -10,6 +10,8 @@ The offline probes must give the same accuracy on 2 ranks as on 1.
 
 import os
 
+import pytest
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -116,3 +118,40 @@ def test_two_ranks_equal_one_rank_for_every_method(tmp_path):
             assert torch.allclose(state[key].float(), d_state[key].float(), atol=1e-5), (name, key)
     single = probe_metrics()
     assert single == ddp["probe"]
+
+
+def test_cli_ddp_run_on_two_cpu_processes(tmp_path):
+    """The real launcher path: Lightning starts 2 gloo processes; rank 0 alone writes the summary; the lr
+    follows the global batch; the end-of-run probes equal a 1-process evaluation of the saved backbone."""
+    import json
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from ssl_vision.data import SSLDataModule
+    from ssl_vision.evaluation import backbone_from_checkpoint, evaluate_backbone, load_checkpoint
+    from ssl_vision.methods import build_method
+
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "ssl_vision.train", "trainer=ddp", "trainer.devices=2",
+                        "trainer.accelerator=cpu", "data=synthetic", "backbone=resnet18_tiny", "trainer.max_epochs=1",
+                        "eval.linear.epochs=5", "eval.random_init_baseline=false", "plots=false",
+                        "trainer.enable_progress_bar=false", f"hydra.run.dir={run}"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("summary.json")] == [run.relative_to(tmp_path) / "summary.json"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and r.stdout.count('"world_size": 2') == 1  # printed by rank 0 only
+    assert summary["steps"] == 384 // (2 * 64)  # 384 training images, 64 per rank per step, drop_last
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    lrs = {g["name"]: g["initial_lr"] for g in ckpt["optimizer_states"][0]["param_groups"]}
+    assert lrs["decay"] == lrs["no_decay"] == pytest.approx(0.4 * 128 / 256)  # base lr x global batch / 256
+    cfg = OmegaConf.create(ckpt["hyper_parameters"]["cfg"])
+    dm = SSLDataModule(cfg.data)
+    dm.setup()
+    backbone, _ = backbone_from_checkpoint(ckpt)
+    single = evaluate_backbone(backbone, dm, build_method(cfg, dm.num_classes).eval_transform, cfg.eval)
+    for key in ("linear_probe_top1", "linear_probe_top5", "knn_top1"):
+        assert summary[key] == single[key], key
