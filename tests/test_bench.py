@@ -58,6 +58,8 @@ def test_mae_record_compares_masked_with_full_tokens(bench):
     check_record(r, 8)
     assert (r["patch_size"], r["mask_ratio"]) == (4, 0.75) and len(r["masked_samples_ms"]) == 2
     assert r["masked_over_full"] == pytest.approx(r["masked_ms"] / r["floor_ms"])
+    assert len(r["network_samples_ms"]) == 2 and r["network_ms"] > 0
+    assert r["step_over_network"] == pytest.approx(r["step_ms"] / r["network_ms"])
 
 
 def test_methods_expand_to_their_default_backbones(bench):
