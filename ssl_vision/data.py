@@ -26,6 +26,7 @@ image for it, the loaders' collate function drops it, one warning names it the f
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import multiprocessing as mp
 import os
@@ -36,7 +37,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from .config import ConfigError
 
@@ -573,6 +574,81 @@ BUILDERS = {
 # --- the DataModule -------------------------------------------------------------------------------
 
 
+# --- mid-epoch resume ---------------------------------------------------------------------------------
+
+
+def train_batches_done(trainer) -> int:
+    """Training batches finished in the current epoch, 0 once the epoch is complete: where a checkpoint
+    saved now stands inside its epoch (Lightning's own batch counter, the one its loop resumes from)."""
+    done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+    return 0 if done >= trainer.num_training_batches else done
+
+
+class EpochPosition:
+    """Shared by the training loader, its sampler and the datamodule: the current epoch's shuffle seed
+    and, after a resume from a checkpoint taken part-way through epoch ``resume_epoch``, that epoch's
+    seed and the number of its batches already trained on. Every iterator made while the trainer is in
+    that epoch replays it (Lightning makes more than one before the first batch, and loader workers
+    draw indexes as soon as an iterator exists)."""
+
+    def __init__(self, current_epoch):
+        self.current_epoch = current_epoch
+        self.seed: int | None = None
+        self.resume_epoch: int | None = None
+        self.resume_seed: int | None = None
+        self.resume_batches = 0
+
+    def resuming(self) -> bool:
+        # <=: Lightning makes the resumed epoch's iterator before it restores its loops (epoch 0 then)
+        return self.resume_epoch is not None and self.current_epoch() <= self.resume_epoch
+
+
+class RecordedSeedSampler(RandomSampler):
+    """``RandomSampler`` that draws its per-epoch seed from the global RNG exactly as ``RandomSampler``
+    does (same order as a plain shuffled loader) and records it, so a resumed run can replay the epoch.
+    Under DDP Lightning replaces it with a ``DistributedSampler`` (order from seed + epoch)."""
+
+    def __init__(self, data_source, position: EpochPosition):
+        super().__init__(data_source)
+        self.position = position
+
+    def __iter__(self):
+        if self.position.resuming() and self.position.resume_seed is not None:
+            seed = self.position.resume_seed
+        else:
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        self.position.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        yield from super().__iter__()
+
+
+class _SkipBatches:
+    """The loader's batch sampler, starting after the batches a resumed epoch has already trained on
+    (index lists only: the skipped images are never read)."""
+
+    def __init__(self, batches, position: EpochPosition):
+        self.batches, self.position = batches, position
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        skip = self.position.resume_batches if self.position.resuming() else 0
+        yield from itertools.islice(iter(self.batches), skip, None)
+
+
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` whose next epoch can start part-way (``position.resume_batches``)."""
+
+    def __init__(self, *args, position: EpochPosition, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.position = position
+
+    @property
+    def _index_sampler(self):
+        return _SkipBatches(super()._index_sampler, self.position)
+
+
 class SSLDataModule(L.LightningDataModule):
     """Pre-training loader (shuffled, drop_last) plus labelled probe-train and validation sets.
 
@@ -589,6 +665,7 @@ class SSLDataModule(L.LightningDataModule):
             raise ConfigError(f"data.name: unknown dataset '{cfg.name}'; choose one of: {', '.join(BUILDERS)}")
         self.pretrain_set = self.probe_train_set = self.val_set = None
         self.class_names: list[str] = []
+        self.position = EpochPosition(lambda: self.trainer.current_epoch if self.trainer is not None else 0)
 
     def setup(self, stage=None):
         if self.pretrain_set is not None:
@@ -629,9 +706,13 @@ class SSLDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def _loader(self, dataset, shuffle: bool, drop_last: bool, batch_size=None, refill: bool = False):
+    def _loader(self, dataset, shuffle: bool, drop_last: bool, batch_size=None, refill: bool = False,
+                loader=DataLoader, **kwargs):
         workers = int(self.cfg.num_workers)
-        return DataLoader(
+        # persistent workers take their base seed once, at the first iterator; from a private generator,
+        # that draw stays off the global random stream, which a resumed run then continues exactly
+        generator = torch.Generator().manual_seed(int(self.cfg.seed)) if workers > 0 else None
+        return loader(
             dataset,
             batch_size=batch_size or self.cfg.batch_size,
             shuffle=shuffle,
@@ -640,10 +721,32 @@ class SSLDataModule(L.LightningDataModule):
             collate_fn=SkipUnreadable(self.cfg.canvas_size, refill),
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
+            generator=generator,
+            **kwargs,
         )
 
     def train_dataloader(self):
-        return self._loader(self.pretrain_set, shuffle=True, drop_last=True, refill=True)
+        """Shuffled, drop_last; resumable mid-epoch (``ResumableLoader``)."""
+        return self._loader(self.pretrain_set, shuffle=False, drop_last=True, refill=True, loader=ResumableLoader,
+                            sampler=RecordedSeedSampler(self.pretrain_set, self.position), position=self.position)
+
+    # --- where training stands in its epoch: saved in every checkpoint -----------------------------------
+    # Lightning restores a datamodule's state before it builds the first training iterator (it builds
+    # one early, for ``estimated_stepping_batches``), which a loader's own state_dict would miss.
+    def state_dict(self):
+        if self.trainer is None:
+            return {}
+        done = train_batches_done(self.trainer)
+        return {"train_epoch": int(self.trainer.current_epoch), "train_batches_done": done,
+                "train_seed": self.position.seed if done else None}
+
+    def load_state_dict(self, state):
+        """A checkpoint taken part-way through an epoch: that epoch is replayed in the same order (same
+        seed; under DDP, same seed + epoch) from the first batch not yet trained on."""
+        done = int(state.get("train_batches_done", 0))
+        self.position.resume_epoch = int(state["train_epoch"]) if done else None
+        self.position.resume_batches = done
+        self.position.resume_seed = state.get("train_seed")
 
     def val_dataloader(self):
         if self.val_set is None:  # unlabelled data: nothing to validate the online probe on

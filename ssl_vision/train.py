@@ -13,11 +13,10 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import AtomicCheckpointIO, LastCheckpoint, Throughput
+from .callbacks import AtomicCheckpointIO, LastCheckpoint, RunCSVLogger, Throughput
 from .config import ConfigError, check_overrides, conf_dir
 from .data import SkippedFilesReport, SSLDataModule
 from .evaluation import evaluate_backbone, load_checkpoint
@@ -26,7 +25,8 @@ from .methods import build_method
 log = logging.getLogger("ssl_vision")
 
 for _pattern in (".*overridden `on_after_batch_transfer`.*", ".*litlogger.*", ".*exists and is not empty.*",
-                 ".*LeafSpec.*", ".*does not have many workers.*"):
+                 ".*LeafSpec.*", ".*does not have many workers.*",
+                 ".*dataloader is not resumable.*"):  # it is: SSLDataModule saves the epoch position
     warnings.filterwarnings("ignore", message=_pattern)
 
 
@@ -36,27 +36,30 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.get("run_dir") or "outputs/run")
 
 
-def resume_path(cfg: DictConfig, out: Path) -> Path | None:
-    """``resume=auto``: the run directory's last.ckpt if there is one; ``resume=PATH``; ``resume=null``."""
+def resume_point(cfg: DictConfig, out: Path) -> tuple[Path | None, int]:
+    """The checkpoint to continue from and its step: ``resume=auto``, the run directory's last.ckpt if
+    there is one; ``resume=PATH``; ``resume=null``: (None, 0)."""
     choice = cfg.get("resume", "auto")
     if choice in (None, False, "none", "null"):
-        return None
+        return None, 0
     path = out / "checkpoints" / "last.ckpt" if choice == "auto" else Path(str(choice)).expanduser()
     if choice != "auto" and not path.is_file():
         raise ConfigError(f"resume: checkpoint '{path}' does not exist")
     if not path.is_file():
-        return None
-    stored = load_checkpoint(path)["hyper_parameters"]["cfg"]
+        return None, 0
+    ckpt = load_checkpoint(path)
+    stored = ckpt["hyper_parameters"]["cfg"]
     for key in ("method", "backbone"):
         if stored[key]["name"] != cfg[key].name:
             raise ConfigError(
                 f"resume: checkpoint '{path}' was trained with {key} '{stored[key]['name']}', but this config "
                 f"has {key} '{cfg[key].name}'; use {key}={stored[key]['name']} or a new run directory"
             )
-    return path
+    return path, int(ckpt.get("global_step", 0))
 
 
-def build_trainer(cfg: DictConfig, out: Path, labelled: bool = True) -> tuple[L.Trainer, Throughput]:
+def build_trainer(cfg: DictConfig, out: Path, labelled: bool = True, resume_step: int | None = None
+                  ) -> tuple[L.Trainer, Throughput]:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     on_gpu = kwargs.get("accelerator") in ("gpu", "cuda") or (kwargs.get("accelerator") == "auto"
                                                                and torch.cuda.is_available())
@@ -70,7 +73,7 @@ def build_trainer(cfg: DictConfig, out: Path, labelled: bool = True) -> tuple[L.
     callbacks = [LastCheckpoint(out / "checkpoints", every_n_steps=cfg.checkpoint.every_n_steps), throughput,
                  SkippedFilesReport()]
     try:
-        trainer = L.Trainer(**kwargs, default_root_dir=str(out), logger=CSVLogger(str(out), name="", version=""),
+        trainer = L.Trainer(**kwargs, default_root_dir=str(out), logger=RunCSVLogger(str(out), resume_step),
                             callbacks=callbacks, enable_checkpointing=False, plugins=[AtomicCheckpointIO()])
     except (ValueError, TypeError, ImportError, MisconfigurationException) as e:  # Lightning's own check of a trainer.* value
         raise ConfigError(f"trainer{_trainer_key(str(e), kwargs)}: {' '.join(str(e).split())}") from None
@@ -122,7 +125,7 @@ def run(cfg: DictConfig) -> dict:
     """Pre-train with ``cfg``, evaluate the backbone, write ``summary.json``; return the summary."""
     out = run_dir_of(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = resume_path(cfg, out)
+    ckpt_path, resume_step = resume_point(cfg, out)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     dm = SSLDataModule(cfg.data)
     dm.setup()
@@ -130,7 +133,8 @@ def run(cfg: DictConfig) -> dict:
     devices, nodes = cfg.trainer.get("devices"), int(cfg.trainer.get("num_nodes", 1))
     if isinstance(devices, int) and hasattr(model, "check_queue_size"):  # fail before the Trainer starts
         model.check_queue_size(int(cfg.data.batch_size) * devices * nodes)
-    trainer, throughput = build_trainer(cfg, out, labelled=dm.num_classes > 0)
+    trainer, throughput = build_trainer(cfg, out, labelled=dm.num_classes > 0,
+                                        resume_step=resume_step if ckpt_path else None)
     if trainer.is_global_zero:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     summary: dict = {
@@ -149,11 +153,13 @@ def run(cfg: DictConfig) -> dict:
         baseline = {"random_init_linear_probe_top1": base["linear_probe_top1"],
                     "random_init_knn_top1": base["knn_top1"]}
         summary.update(baseline)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero:  # files and info logs: rank 0 only
             baseline_file.write_text(json.dumps(baseline, indent=2) + "\n")
-        log.info("random-init backbone: linear top-1 %.4f, kNN top-1 %.4f", base["linear_probe_top1"], base["knn_top1"])
+            log.info("random-init backbone: linear top-1 %.4f, kNN top-1 %.4f", base["linear_probe_top1"],
+                     base["knn_top1"])
     if ckpt_path is not None:
-        log.info("resuming from %s", ckpt_path)
+        if trainer.is_global_zero:
+            log.info("resuming from %s", ckpt_path)
         if evaluate and cfg.eval.random_init_baseline and baseline_file.is_file():
             summary.update(json.loads(baseline_file.read_text()))
     elif HydraConfig.initialized() and HydraConfig.get().mode.name == "RUN" and trainer.is_global_zero:

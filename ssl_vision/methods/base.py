@@ -28,6 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..augment import EvalTransform, build_augment
 from ..backbones import backbone_from_config
 from ..config import ConfigError
+from ..data import train_batches_done
 from ..optim import build_optimizer, check_optimizer_config, scaled_lr, split_decay, warmup_cosine
 
 
@@ -102,7 +103,6 @@ class SSLMethod(L.LightningModule, abc.ABC):
         if self.probe is not None:
             self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self._momentum_pairs: list[tuple[nn.Module, nn.Module]] = []
-        self._ema_step = -1
         self._compiled = False
 
     # --- subclass API -----------------------------------------------------------------------------
@@ -123,23 +123,15 @@ class SSLMethod(L.LightningModule, abc.ABC):
         self._momentum_pairs.append((online, target))
         return target
 
-    @property
-    def momentum(self) -> float:
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
-        return cosine_momentum(self.global_step if self._trainer is not None else 0, int(total),
-                               float(self.cfg.method.momentum))
-
-    def on_train_start(self):
-        # the EMA follows optimizer steps from here (also when resuming: no update before the next step)
-        self._ema_step = self.global_step
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        # once per optimizer step (global_step advances only on a real step, also under accumulation)
-        if self._momentum_pairs and self.global_step > self._ema_step:
-            m = self.momentum
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # the EMA follows every optimizer step (once per step under gradient accumulation), here rather
+        # than in on_train_batch_end so that a checkpoint saved at this batch's end already holds it
+        if self._momentum_pairs:
+            step = self.global_step + 1  # Lightning counts the step once this hook returns
+            m = cosine_momentum(step, int(self.trainer.estimated_stepping_batches), float(self.cfg.method.momentum))
             for online, target in self._momentum_pairs:
                 ema_update(online, target, m)
-            self._ema_step = self.global_step
             self.log("train/momentum", m)
 
     # --- speed switches ----------------------------------------------------------------------------
@@ -164,6 +156,9 @@ class SSLMethod(L.LightningModule, abc.ABC):
     def on_after_batch_transfer(self, batch, dataloader_idx=0):
         images, labels, indexes = batch
         training = self._trainer is not None and self.trainer.training
+        if training and getattr(self, "_pending_rng_state", None) is not None:  # resumed mid-epoch
+            self._set_rng_state(self._pending_rng_state)
+            self._pending_rng_state = None
         x = self.augment(images) if training else self.eval_transform(images)
         if self.channels_last:  # NHWC views for the NHWC convolution weights
             x = [v.contiguous(memory_format=torch.channels_last) for v in x] if training else \
@@ -208,24 +203,38 @@ class SSLMethod(L.LightningModule, abc.ABC):
 
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         checkpoint["rng_state"] = {
+            # part-way through an epoch, the state is restored just before the next batch's augmentation
+            # (a new loader iterator draws from the global RNG; the straight run drew at epoch start)
+            "mid_epoch": self._trainer is not None and train_batches_done(self.trainer) > 0,
             "torch": torch.get_rng_state(),
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
             "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
         }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # GPU-side augmentation draws here
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint):
+        state = checkpoint.get("rng_state")
+        if not state:
+            return
+        if state.get("mid_epoch"):
+            self._pending_rng_state = state
+        else:
+            self._set_rng_state(state)
+
+    @staticmethod
+    def _set_rng_state(state):
         import random
 
         import numpy as np
 
-        state = checkpoint.get("rng_state")
-        if not state:
-            return
         torch.set_rng_state(state["torch"])
         kind, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
     # --- optimization -------------------------------------------------------------------------------
     def global_batch_size(self) -> int:
