@@ -21,6 +21,10 @@ Image files are decoded at reduced size where the codec allows it (JPEG draft mo
 straight to the canvas. A file that cannot be decoded never stops a run: ``ImageFiles`` returns no
 image for it, the loaders' collate function drops it, one warning names it the first time, and
 ``SkippedFilesReport`` logs how many were skipped at the end of every epoch.
+
+The training loader can resume part-way through an epoch: every checkpoint holds the datamodule's
+``state_dict`` (epoch, shuffle seed, batches trained), and a resumed run replays the rest of that
+epoch in the same order without reading the batches already trained on.
 """
 
 from __future__ import annotations
@@ -571,9 +575,6 @@ BUILDERS = {
 }
 
 
-# --- the DataModule -------------------------------------------------------------------------------
-
-
 # --- mid-epoch resume ---------------------------------------------------------------------------------
 
 
@@ -647,6 +648,9 @@ class ResumableLoader(DataLoader):
     @property
     def _index_sampler(self):
         return _SkipBatches(super()._index_sampler, self.position)
+
+
+# --- the DataModule -------------------------------------------------------------------------------
 
 
 class SSLDataModule(L.LightningDataModule):

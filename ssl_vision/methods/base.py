@@ -103,6 +103,7 @@ class SSLMethod(L.LightningModule, abc.ABC):
         if self.probe is not None:
             self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self._momentum_pairs: list[tuple[nn.Module, nn.Module]] = []
+        self._pending_rng_state = None  # a mid-epoch checkpoint's, restored at the next training batch
         self._compiled = False
 
     # --- subclass API -----------------------------------------------------------------------------
@@ -156,7 +157,7 @@ class SSLMethod(L.LightningModule, abc.ABC):
     def on_after_batch_transfer(self, batch, dataloader_idx=0):
         images, labels, indexes = batch
         training = self._trainer is not None and self.trainer.training
-        if training and getattr(self, "_pending_rng_state", None) is not None:  # resumed mid-epoch
+        if training and self._pending_rng_state is not None:  # resumed mid-epoch
             self._set_rng_state(self._pending_rng_state)
             self._pending_rng_state = None
         x = self.augment(images) if training else self.eval_transform(images)
