@@ -17,8 +17,12 @@ RUN = ["data=synthetic", "backbone=resnet18_tiny", "trainer.max_epochs=4", "trai
 METHODS = {"simclr": ["method=simclr"], "moco_v2": ["method=moco_v2", "method.queue_size=128"]}
 STEPS_PER_EPOCH = 6  # 384 training images of data=synthetic, batch 64
 # mid-epoch: a checkpoint every 4 steps (the first at step 4 of 6), and loader workers for simclr
-CHECKPOINTS = {"epoch_end": [], "mid_epoch": ["checkpoint.every_n_steps=4"]}
-CASES = [("simclr", "epoch_end"), ("moco_v2", "epoch_end"), ("simclr", "mid_epoch"), ("moco_v2", "mid_epoch")]
+# mid_epoch_ddp: 2 gloo processes x 32 images (the same 6 steps per epoch)
+CHECKPOINTS = {"epoch_end": [], "mid_epoch": ["checkpoint.every_n_steps=4"],
+               "mid_epoch_ddp": ["checkpoint.every_n_steps=4", "trainer=ddp", "trainer.devices=2",
+                                 "data.batch_size=32"]}
+CASES = [("simclr", "epoch_end"), ("moco_v2", "epoch_end"), ("simclr", "mid_epoch"), ("moco_v2", "mid_epoch"),
+         ("moco_v2", "mid_epoch_ddp")]
 
 
 def command(run_dir, extra):
@@ -50,17 +54,17 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, method, when):
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(command(killed, extra), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
+                            stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     ckpt = killed / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # mid-run: at least one epoch is saved, the run is not over
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-run, with every rank's process: the run is not over
     proc.wait()
     assert ckpt.exists()
     _, step_at_kill = final_state(killed)
     assert 0 < step_at_kill < final_state(straight)[1]
-    assert (step_at_kill % STEPS_PER_EPOCH != 0) == (when == "mid_epoch"), step_at_kill
+    assert (step_at_kill % STEPS_PER_EPOCH != 0) == when.startswith("mid_epoch"), step_at_kill
 
     r = subprocess.run(command(killed, extra), capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
