@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -138,10 +139,7 @@ class RunCSVLogger(CSVLogger):
 
     @property
     def experiment(self):
-        if self._experiment is None and self.resume_step is not None:
-            from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-            if rank_zero_only.rank == 0:
-                self._fs.makedirs(self.root_dir, exist_ok=True)
-                self._experiment = _ContinuedWriter(self.log_dir, self.resume_step)
-        return super().experiment
+        if self._experiment is None and self.resume_step is not None and rank_zero_only.rank == 0:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedWriter(self.log_dir, self.resume_step)
+        return super().experiment  # rank > 0: Lightning's dummy
