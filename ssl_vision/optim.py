@@ -1,4 +1,5 @@
-"""Optimizers (SGD, AdamW, LARS) with parameter groups, and the warmup-cosine schedule."""
+"""Optimizers (SGD, AdamW, LARS) with parameter groups, the warmup-cosine schedule, and the check of
+what gradient accumulation changes for a method (``gradient_accumulation_check``)."""
 
 from __future__ import annotations
 

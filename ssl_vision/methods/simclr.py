@@ -10,8 +10,8 @@ from ..distributed import gather_with_grad, rank
 from ..losses import nt_xent
 from .base import SSLMethod, mlp
 
-PROJECTORS = ("solo_learn", "simclr")
-BN_STATS = ("per_view", "joint")
+PROJECTORS = ("simclr", "solo_learn")
+BN_STATS = ("joint", "per_view")
 
 
 def simclr_projector(kind: str, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> nn.Sequential:
@@ -42,9 +42,9 @@ class SimCLR(SSLMethod):
     def __init__(self, cfg, num_classes: int):
         super().__init__(cfg, num_classes)
         m = self.cfg.method
-        self.projector = simclr_projector(m.get("projector", "solo_learn"), self.feat_dim, int(m.proj_hidden_dim),
+        self.projector = simclr_projector(m.get("projector", "simclr"), self.feat_dim, int(m.proj_hidden_dim),
                                           int(m.proj_output_dim), int(m.get("proj_layers", 2)))
-        self.bn_stats = m.get("bn_stats", "per_view")
+        self.bn_stats = m.get("bn_stats", "joint")
         if self.bn_stats not in BN_STATS:
             raise ConfigError(f"method.bn_stats: unknown value '{self.bn_stats}'; choose one of: {', '.join(BN_STATS)}")
 
