@@ -28,10 +28,13 @@ RECIPES = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
 SOLO_LARS = {"optimizer.name": "lars", "optimizer.lars_trust": "solo_learn", "optimizer.clip_lr": True,
              "optimizer.eta": 0.02, "optimizer.momentum": 0.9, "optimizer.exclude_bias_norm": True,
              "optimizer.warmup_epochs": 10}
-SOLO_RESNET = {"backbone.kwargs.zero_init_last": False}
+SOLO_RESNET = {"backbone.kwargs.zero_init_last": False, "augment.all_views.interpolation": "bicubic"}
 SOLO_CIFAR = {**SOLO_RESNET, "backbone.small_stem_style": "solo_learn", "data.batch_size": 256,
               "trainer.max_epochs": 1000}
-SOLO_IN100 = {**SOLO_RESNET, "data.batch_size": 256, "trainer.max_epochs": 400}  # 2 GPUs x 128
+SOLO_IN100 = {**SOLO_RESNET, "data.batch_size": 256, "trainer.max_epochs": 400,  # 2 GPUs x 128
+              "augment.all_views.blur_kernel": 23}  # solo/data/dali_dataloader.py GaussianBlur(window_size=23)
+CIFAR_BLUR = {"augment.all_views.blur_prob": 0.5, "augment.all_views.blur_min_size": 0,  # PIL blur at 32 px
+              "augment.all_views.blur_kernel": "auto"}
 SOLO_LINEAR = {"eval.linear.optimizer": "sgd", "eval.linear.momentum": 0.9, "eval.linear.batch_size": 256,
                "eval.linear.scale_lr": True, "eval.linear.weight_decay": 0.0, "eval.linear.epochs": 100,
                "eval.linear.schedule": "step", "eval.linear.milestones": [60, 80], "eval.linear.gamma": 0.1,
@@ -73,13 +76,13 @@ MOCO_V3_LINCLS = {"eval.linear.optimizer": "sgd", "eval.linear.momentum": 0.9, "
 
 REFERENCE = {
     # solo-learn scripts/pretrain/cifar/simclr.yaml + augmentations/symmetric.yaml
-    "cifar10_simclr_resnet18": {**SOLO_SIMCLR, **SOLO_CIFAR, **SYMMETRIC, "method.proj_hidden_dim": 2048,
+    "cifar10_simclr_resnet18": {**SOLO_SIMCLR, **SOLO_CIFAR, **SYMMETRIC, **CIFAR_BLUR, "method.proj_hidden_dim": 2048,
                                 "method.proj_output_dim": 256, "optimizer.lr": 0.4},
     # solo-learn scripts/pretrain/imagenet-100/simclr.yaml + augmentations/symmetric.yaml
     "imagenet100_simclr_resnet18": {**SOLO_SIMCLR, **SOLO_IN100, **SYMMETRIC, "method.proj_hidden_dim": 4096,
                                     "method.proj_output_dim": 512, "optimizer.lr": 0.3},
     # solo-learn scripts/pretrain/cifar/mocov2plus.yaml + augmentations/symmetric_weak.yaml
-    "cifar10_moco_v2_resnet18": {**SOLO_MOCO_V2, **SOLO_CIFAR, "method.queue_size": 32768},
+    "cifar10_moco_v2_resnet18": {**SOLO_MOCO_V2, **SOLO_CIFAR, **CIFAR_BLUR, "method.queue_size": 32768},
     # solo-learn scripts/pretrain/imagenet-100/mocov2plus.yaml
     "imagenet100_moco_v2_resnet18": {**SOLO_MOCO_V2, **SOLO_IN100, "method.queue_size": 65536},
     # solo-learn scripts/pretrain/cifar/mocov3.yaml + augmentations/asymmetric.yaml (no blur at 32 px)
@@ -98,7 +101,8 @@ REFERENCE = {
         "optimizer.betas": [0.9, 0.999], "optimizer.exclude_bias_norm": False, "optimizer.warmup_epochs": 10,
         "data.batch_size": 1024, "probe.lr": 3e-4 * 1024 / 256, "backbone.kwargs.num_heads": 12,
         "backbone.patch_size": 16, "trainer.max_epochs": 400, "eval.linear.lr": 0.3,
-        "augment.views.view1.blur_prob": 1.0, "augment.views.view2.blur_prob": 0.1},
+        "augment.views.view1.blur_prob": 1.0, "augment.views.view2.blur_prob": 0.1,
+        "augment.all_views.blur_kernel": 23, "augment.all_views.interpolation": "bicubic"},
     # facebookresearch/moco-v3 CONFIG.md ViT-Small (AdamW 1.5e-4, wd .1 on model.parameters(), 300 epochs,
     # 40 warm-up, --stop-grad-conv1 --moco-m-cos --moco-t=.2), vits.py (12 heads), main_lincls.py --lr=3
     "cifar10_moco_v3_vit_small": {
@@ -108,7 +112,7 @@ REFERENCE = {
         "optimizer.name": "adamw", "optimizer.lr": 1.5e-4, "optimizer.weight_decay": 0.1,
         "optimizer.betas": [0.9, 0.999], "optimizer.exclude_bias_norm": False, "optimizer.warmup_epochs": 40,
         "backbone.kwargs.num_heads": 12, "trainer.max_epochs": 300, "eval.linear.lr": 3.0,
-        "augment.all_views.crop_scale": [0.08, 1.0]},
+        "augment.all_views.crop_scale": [0.08, 1.0], "augment.all_views.interpolation": "bilinear"},
     # solo-learn scripts/pretrain/cifar/mae.yaml + augmentations/reconstruction.yaml, vit_mae.py (12 heads)
     "cifar10_mae_vit_small": {
         **MAE_LINPROBE, "method.mask_ratio": 0.75, "method.decoder_dim": 512, "method.decoder_depth": 8,
@@ -116,7 +120,8 @@ REFERENCE = {
         "optimizer.weight_decay": 0.05, "optimizer.betas": [0.9, 0.95], "optimizer.exclude_bias_norm": False,
         "optimizer.warmup_epochs": 10, "data.batch_size": 256, "probe.lr": 2e-4, "backbone.kwargs.num_heads": 12,
         "backbone.patch_size": 4, "trainer.max_epochs": 1000, "augment.all_views.crop_scale": [0.08, 1.0],
-        "augment.all_views.flip_prob": 0.5, "augment.all_views.jitter_prob": 0.0},
+        "augment.all_views.flip_prob": 0.5, "augment.all_views.jitter_prob": 0.0,
+        "augment.all_views.interpolation": "bicubic"},
     # facebookresearch/mae PRETRAIN.md / main_pretrain.py (batch 64 x 64 GPUs = 4096, blr 1.5e-4, wd 0.05,
     # betas (0.9, 0.95), timm add_weight_decay, 40 warm-up epochs, crop 0.2-1)
     "imagenet100_mae_vit_base": {
@@ -124,6 +129,7 @@ REFERENCE = {
         "method.decoder_heads": 16, "method.norm_pix_loss": True, "optimizer.name": "adamw",
         "optimizer.lr": 1.5e-4, "optimizer.weight_decay": 0.05, "optimizer.betas": [0.9, 0.95],
         "optimizer.exclude_bias_norm": True, "optimizer.warmup_epochs": 40, "augment.all_views.crop_scale": [0.2, 1.0],
+        "augment.all_views.interpolation": "bicubic",
         "recipe.accumulate_grad_batches": 16, "trainer.accumulate_grad_batches": 16},
 }
 
@@ -177,6 +183,25 @@ def test_recipe_composes_and_builds_its_model(make_cfg, name):
     model = build_method(cfg, 4)
     build_optimizer(cfg.optimizer, model.param_groups())
     assert compose(make_cfg, name).data.name == name.split("_")[0]
+
+
+@pytest.mark.parametrize("name,blurred,kernel", [("cifar10_simclr_resnet18", True, 13),
+                                                  ("cifar10_moco_v2_resnet18", True, 13),
+                                                  ("cifar10_moco_v3_resnet18", False, None)])
+def test_cifar_recipes_blur_at_32_px_as_solo_learns_pil_blur(make_cfg, name, blurred, kernel):
+    """solo-learn (since its yaml scripts) applies PIL's GaussianBlur(radius=sigma), sigma in [0.1, 2], at
+    p=0.5 to 32 px SimCLR / MoCo v2+ views; its kernel is not capped by the image size, so the view gets
+    the whole +-3 sigma Gaussian (13 px), not a 10%-of-32-px (3 px) one. MoCo v3's CIFAR views: no blur."""
+    from ssl_vision.augment import blur_kernel_size
+
+    cfg = compose(make_cfg, name)
+    model = build_method(OmegaConf.merge(cfg, {"method": {"queue_size": 256}}) if "moco_v2" in name else cfg, 10)
+    for view in model.augment.views:
+        assert view["size"] == 32 and view["interpolation"] == "bicubic"
+        applies = view["blur_prob"] > 0 and view["size"] >= view["blur_min_size"]
+        assert applies == blurred
+        if blurred:
+            assert view["blur_prob"] == 0.5 and blur_kernel_size(view) == kernel and list(view["blur_sigma"]) == [0.1, 2.0]
 
 
 # --- ViT-Small heads: a per-recipe setting, not a changed preset ------------------------------------------
