@@ -399,3 +399,14 @@ def test_gradient_accumulation_is_refused_for_batch_coupled_recipes_and_warned_a
     assert gradient_accumulation_check(make_cfg("method=mae", "backbone=vit_tiny"), 8) == []
     # the MAE ImageNet-100 recipe accumulates 16 steps, as MAE's --accum_iter does: accepted
     assert gradient_accumulation_check(compose(make_cfg, "imagenet100_mae_vit_base"), 16) == []
+
+
+def test_probe_cli_uses_a_protocol_named_on_the_command_line(make_cfg):
+    from ssl_vision.probe import probe_eval_config
+
+    train_cfg = make_cfg()  # the run's own protocol: default
+    named = make_cfg("eval=mae_linprobe", config_name="probe")
+    ecfg = probe_eval_config(train_cfg, named, ["checkpoint=x", "eval=mae_linprobe"])
+    assert ecfg.linear.optimizer == "lars" and ecfg.linear.norm == "batchnorm"
+    ecfg = probe_eval_config(train_cfg, make_cfg(config_name="probe"), ["checkpoint=x"])
+    assert ecfg.linear.optimizer == "sgd" and list(ecfg.linear.crop_scale) == [0.4, 1.0]  # the run's (digits)
