@@ -77,28 +77,28 @@ class LARS(torch.optim.Optimizer):
         if not group["lars_exclude"]:
             scale = self._scale(group, params, grads, update)
             torch._foreach_mul_(update, list(scale.unbind(0)))
-        bufs = [self.state[p].get("momentum_buffer") for p in params]
-        if any(b is None for b in bufs):  # first step: the buffer is the update itself
-            for p, u in zip(params, update):
-                self.state[p]["momentum_buffer"] = torch.clone(u).detach()
-            bufs = [self.state[p]["momentum_buffer"] for p in params]
-        else:
+        state = [self.state[p] for p in params]
+        old = [i for i, st in enumerate(state) if "momentum_buffer" in st]
+        if old:
+            bufs = [state[i]["momentum_buffer"] for i in old]
             torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, update)
-        torch._foreach_add_(params, bufs, alpha=-group["lr"])
+            torch._foreach_add_(bufs, [update[i] for i in old])
+        for st, u in zip(state, update):  # a tensor's first step: its buffer is the update itself
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.clone(u).detach()
+        torch._foreach_add_(params, [st["momentum_buffer"] for st in state], alpha=-group["lr"])
 
     @staticmethod
     def _scale(group: dict, params: list, grads: list, update: list) -> torch.Tensor:
         """Per-tensor factor (N,) that multiplies ``update = g + wd * w`` (see the class docstring)."""
         wd, eta = float(group["weight_decay"]), float(group["eta"])
         w_norm = torch.stack(torch._foreach_norm(params))
-        one = torch.ones_like(w_norm)
         if group["trust"] == "moco_v3":
             u_norm = torch.stack(torch._foreach_norm(update))
             scale = eta * w_norm / u_norm
             if group["clip_lr"]:
                 scale = torch.clamp(scale / group["lr"], max=1.0)
-            return torch.where((w_norm > 0) & (u_norm > 0), scale, one)
+            return torch.where((w_norm > 0) & (u_norm > 0), scale, torch.ones_like(scale))
         g_norm = torch.stack(torch._foreach_norm(grads))
         valid = (w_norm > 0) & (g_norm > 0)
         scale = eta * w_norm / (g_norm + w_norm * wd + group["eps"])
@@ -152,15 +152,13 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 
 # What a method's loss takes from the batch beyond per-sample terms: with gradient accumulation it
 # sees one micro-batch (data.batch_size per device) at a time, while the lr scaling counts the
-# accumulated global batch. ``None``: per-sample loss, exact under accumulation.
+# accumulated global batch. ``None``: nothing (a ResNet backbone's BatchNorm statistics aside).
 BATCH_COUPLING = {
-    "simclr": "its negatives (2B - 2 per sample from the micro-batch, not from the global batch) and the "
-              "BatchNorm statistics of backbone and projector",
-    "moco_v3": "its negatives (the keys of the micro-batch) and the BatchNorm statistics of backbone, projector "
-               "and predictor",
-    "moco_v2": "the BatchNorm statistics of the backbone (the queue keeps its negatives, and is filled every "
-               "micro-batch)",
-    "mae": None,
+    "simclr": "its negatives (2B - 2 per sample, from the micro-batch instead of the accumulated batch) and the "
+              "BatchNorm statistics of its projector",
+    "moco_v3": "its negatives (the keys of the micro-batch) and the BatchNorm statistics of projector and predictor",
+    "moco_v2": None,  # the queue keeps its negatives (it is filled every micro-batch); no BatchNorm in the head
+    "mae": None,      # per-sample loss
 }
 
 
@@ -168,27 +166,26 @@ def gradient_accumulation_check(cfg, accumulate: int) -> list[str]:
     """Say what gradient accumulation changes for this run; refuse it where a recipe would silently
     differ from its reference.
 
-    Logs and returns the warnings (one line each; empty when nothing changes). Raises ``ConfigError`` when
-    ``cfg.recipe`` (set by the ``conf/experiment`` recipes) is strict and the method's loss depends
-    on the batch (``BATCH_COUPLING``) at an accumulation the reference does not use
+    Logs and returns the warnings (one line each; empty when nothing changes). Raises ``ConfigError``
+    when ``cfg.recipe`` (set by the ``conf/experiment`` recipes) is strict and the loss depends on the
+    batch (``BATCH_COUPLING``, or a ResNet's BatchNorm) at an accumulation the reference does not use
     (``recipe.accumulate_grad_batches``, default 1). Call it before the Trainer starts.
     """
     accumulate = int(accumulate or 1)
     recipe = cfg.get("recipe") or {}
-    reference = int(recipe.get("accumulate_grad_batches", 1))
-    if accumulate <= 1 or accumulate == reference:
+    if accumulate <= 1 or accumulate == int(recipe.get("accumulate_grad_batches", 1)):
         return []
     method = cfg.method.name
-    micro = int(cfg.data.batch_size)
     known = method in BATCH_COUPLING
-    coupling = BATCH_COUPLING.get(method, "whatever batch statistics its loss and normalization layers use")
-    resnet = not str(cfg.backbone.name).startswith(("vit", "deit"))
-    if coupling is None and resnet:
-        coupling = "the BatchNorm statistics of the backbone"
-    if coupling is None:
+    parts = [BATCH_COUPLING[method]] if known else ["whatever batch statistics its loss uses"]
+    if not str(cfg.backbone.name).startswith(("vit", "deit")):
+        parts.append("the BatchNorm statistics of the backbone")
+    parts = [x for x in parts if x]
+    if not parts:
         return []
-    message = (f"trainer.accumulate_grad_batches={accumulate}: {method} then sees micro-batches of {micro} per "
-               f"device for {coupling}, while the learning rate is scaled for the accumulated batch"
+    message = (f"trainer.accumulate_grad_batches={accumulate}: {method} then sees micro-batches of "
+               f"{int(cfg.data.batch_size)} per device for {' and '.join(parts)}, while the learning rate is "
+               f"scaled for the accumulated batch"
                + ("" if known else f" (method '{method}' is not in ssl_vision.optim.BATCH_COUPLING: check it)"))
     if recipe and recipe.get("strict", True) and known:
         raise ConfigError(

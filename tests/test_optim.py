@@ -133,6 +133,21 @@ def test_lars_moco_v3_formula():
     assert not torch.equal(got_w[3], weights[3])
 
 
+def test_a_tensor_that_joins_later_starts_its_own_momentum_and_keeps_the_others():
+    a, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2, 2))
+    opt = LARS([a, b], lr=0.1, momentum=0.9, eta=0.02)
+    a.grad = torch.full((2, 2), 0.5)
+    opt.step()  # b has no gradient yet
+    buf_a, norm_a = opt.state[a]["momentum_buffer"].clone(), float(a.detach().norm())
+    assert b not in opt.state or "momentum_buffer" not in opt.state[b]
+    a.grad, b.grad = torch.full((2, 2), 0.5), torch.full((2, 2), 0.25)
+    opt.step()
+    trust_a = 0.02 * norm_a / float(torch.full((2, 2), 0.5).norm())
+    assert torch.allclose(opt.state[a]["momentum_buffer"], 0.9 * buf_a + trust_a * 0.5)
+    trust_b = 0.02 * 2.0 / float(torch.full((2, 2), 0.25).norm())
+    assert torch.allclose(opt.state[b]["momentum_buffer"], torch.full((2, 2), trust_b * 0.25))
+
+
 def test_lars_keeps_the_raw_gradient_and_loads_old_optimizer_states():
     w = torch.nn.Parameter(torch.ones(3, 2))
     w.grad = torch.full((3, 2), 0.5)

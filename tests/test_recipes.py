@@ -392,10 +392,13 @@ def test_gradient_accumulation_is_refused_for_batch_coupled_recipes_and_warned_a
     recipe.recipe.strict = False
     assert len(gradient_accumulation_check(recipe, 4)) == 1
     # no recipe: a warning per method that couples samples; MAE on a ViT is exact
-    for method, word in (("simclr", "negatives"), ("moco_v3", "negatives"), ("moco_v2", "BatchNorm")):
+    for method, words in (("simclr", ("negatives", "backbone")), ("moco_v3", ("negatives", "predictor")),
+                          ("moco_v2", ("BatchNorm statistics of the backbone",))):
         caplog.clear()
-        (warning,) = gradient_accumulation_check(make_cfg(f"method={method}"), 2)
-        assert word in warning and warning in caplog.text
+        (warning,) = gradient_accumulation_check(make_cfg(f"method={method}"), 2)  # digits: ResNet-18/4
+        assert all(w in warning for w in words) and warning in caplog.text
+    assert "backbone" not in gradient_accumulation_check(make_cfg("method=simclr", "backbone=vit_tiny"), 2)[0]
+    assert gradient_accumulation_check(make_cfg("method=moco_v2", "backbone=vit_tiny"), 2) == []
     assert gradient_accumulation_check(make_cfg("method=mae", "backbone=vit_tiny"), 8) == []
     # the MAE ImageNet-100 recipe accumulates 16 steps, as MAE's --accum_iter does: accepted
     assert gradient_accumulation_check(compose(make_cfg, "imagenet100_mae_vit_base"), 16) == []
