@@ -9,6 +9,7 @@ numbers of the run that wrote it.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -70,40 +71,143 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, k: in
     return float(metric(logits, labels))
 
 
+PROBE_OPTIMIZERS = ("sgd", "lars")
+PROBE_SCHEDULES = ("cosine", "step")
+PROBE_INTERVALS = ("step", "epoch")
+PROBE_NORMS = ("standardize", "batchnorm", "none")
+
+
+def probe_lr_schedule(base_lr: float, epochs: int, steps_per_epoch: int, schedule: str = "cosine",
+                      interval: str = "step", warmup_epochs: float = 0.0, milestones=(60, 80),
+                      gamma: float = 0.1) -> list[float]:
+    """The learning rate of every step of the linear probe, from the (fractional) epoch ``t`` at
+    that step (``interval=step``; ``epoch``: the lr changes at epoch boundaries only):
+
+    - linear warm-up ``lr * t / warmup_epochs`` (facebookresearch/mae util/lr_sched.py, per step),
+    - ``cosine``: ``lr * (1 + cos(pi * (t - warmup) / (epochs - warmup))) / 2`` (MAE per step;
+      moco-v3 main_lincls.py ``adjust_learning_rate`` per epoch),
+    - ``step``: ``lr * gamma ** (number of milestones <= t)`` (solo-learn's MultiStepLR, per epoch).
+    """
+    lrs = []
+    for epoch in range(epochs):
+        for i in range(steps_per_epoch):
+            t = epoch + i / steps_per_epoch if interval == "step" else float(epoch)
+            if t < warmup_epochs:
+                lr = base_lr * t / warmup_epochs
+            elif schedule == "cosine":
+                lr = base_lr * 0.5 * (1 + math.cos(math.pi * (t - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)))
+            else:
+                lr = base_lr * gamma ** sum(t >= m for m in milestones)
+            lrs.append(lr)
+    return lrs
+
+
+def probe_head(dim: int, num_classes: int, norm: str, init_std: float | None, generator) -> nn.Module:
+    """The probe's classifier: ``batchnorm``: BatchNorm without affine (eps 1e-6), then Linear (MAE
+    main_linprobe.py); otherwise a Linear. Weights N(0, init_std) and zero bias (moco-v3
+    main_lincls.py, MAE), or with ``init_std=None`` nn.Linear's default uniform init (solo-learn)."""
+    linear = nn.Linear(dim, num_classes)
+    with torch.no_grad():
+        if init_std is None:
+            bound = 1 / math.sqrt(dim)
+            linear.weight.uniform_(-bound, bound, generator=generator)
+            linear.bias.uniform_(-bound, bound, generator=generator)
+        else:
+            linear.weight.normal_(0, float(init_std), generator=generator)
+            linear.bias.zero_()
+    if norm == "batchnorm":
+        return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
+    return nn.Sequential(linear)
+
+
+def _check_choice(key: str, value, choices) -> None:
+    if value not in choices:
+        from .config import ConfigError
+
+        raise ConfigError(f"eval.linear.{key}: unknown value '{value}'; choose one of: {', '.join(choices)}")
+
+
 def linear_probe(train_x, train_y, val_x, val_y, num_classes: int, epochs: int = 100, lr: float = 0.1,
-                 weight_decay: float = 5e-4, batch_size: int = 256, seed: int = 0) -> dict:
-    """Train a linear classifier on frozen (standardized) features; top-1 / top-5 on validation.
+                 weight_decay: float = 5e-4, batch_size: int = 256, seed: int = 0, *, optimizer: str = "sgd",
+                 momentum: float = 0.9, scale_lr: bool = False, schedule: str = "cosine", interval: str = "step",
+                 warmup_epochs: float = 0.0, milestones=(60, 80), gamma: float = 0.1, norm: str = "standardize",
+                 init_std: float | None = 0.01, eta: float = 0.001, lars_trust: str = "moco_v3",
+                 drop_last: bool = False) -> dict:
+    """Train a linear classifier on frozen features; top-1 / top-5 on validation.
 
     train_x: (N, D) features, or (C, N, D) features of C augmented copies of the N training images;
     epoch ``e`` then trains on copy ``e % C`` (every image once per epoch, as the standard protocol
     does with fresh random crops). val_x: (M, D).
+
+    The protocol (the ``conf/eval`` presets set it as each reference does): ``optimizer`` SGD or
+    LARS (``eta``, ``lars_trust``; biases excluded, as MAE's util/lars.py), base ``lr`` (times
+    ``batch_size / 256`` with ``scale_lr``), ``weight_decay``, ``momentum``, ``schedule`` /
+    ``interval`` / ``warmup_epochs`` / ``milestones`` / ``gamma`` (see ``probe_lr_schedule``), and
+    the features' normalisation ``norm``: ``standardize`` (mean / std of the training features,
+    fixed), ``batchnorm`` (BatchNorm without affine in the head, batch statistics while training,
+    running ones for validation) or ``none``. ``drop_last``: skip each epoch's incomplete last batch
+    (the loaders of MAE and solo-learn do; a batch of one sample is always skipped under ``batchnorm``).
     """
+    _check_choice("optimizer", optimizer, PROBE_OPTIMIZERS)
+    _check_choice("schedule", schedule, PROBE_SCHEDULES)
+    _check_choice("interval", interval, PROBE_INTERVALS)
+    _check_choice("norm", norm, PROBE_NORMS)
     g = torch.Generator().manual_seed(seed)
     copies = train_x if train_x.ndim == 3 else train_x[None]
-    flat = copies.reshape(-1, copies.shape[-1])
-    mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
-    copies, vx = (copies - mean) / std, (val_x - mean) / std
+    vx = val_x
+    if norm == "standardize":
+        flat = copies.reshape(-1, copies.shape[-1])
+        mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
+        copies, vx = (copies - mean) / std, (val_x - mean) / std
     n = copies.shape[1]
-    head = nn.Linear(copies.shape[-1], num_classes)
-    with torch.no_grad():
-        head.weight.normal_(0, 0.01, generator=g)
-        head.bias.zero_()
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    steps_per_epoch = max(1, -(-n // batch_size))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    head = probe_head(copies.shape[-1], num_classes, norm, init_std, g)
+    linear = head[-1]
+    base_lr = lr * batch_size / 256 if scale_lr else lr
+    if optimizer == "lars":
+        from .optim import LARS
+
+        opt = LARS([{"params": [linear.weight], "weight_decay": weight_decay},
+                    {"params": [linear.bias], "weight_decay": 0.0, "lars_exclude": True}],
+                   lr=base_lr, momentum=momentum, eta=eta, trust=lars_trust)
+    else:
+        opt = torch.optim.SGD(head.parameters(), lr=base_lr, momentum=momentum, weight_decay=weight_decay)
+    steps_per_epoch = n // batch_size if drop_last and n >= batch_size else max(1, -(-n // batch_size))
+    if norm == "batchnorm" and steps_per_epoch > 1 and n - (steps_per_epoch - 1) * batch_size == 1:
+        steps_per_epoch -= 1  # BatchNorm cannot train on a single sample
+    lrs = probe_lr_schedule(base_lr, epochs, steps_per_epoch, schedule, interval, warmup_epochs, milestones, gamma)
+    head.train()
+    step = 0
     for epoch in range(epochs):
         tx = copies[epoch % len(copies)]
         order = torch.randperm(n, generator=g)
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
+        for i in range(steps_per_epoch):
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            for group in opt.param_groups:
+                group["lr"] = lrs[step]
             loss = F.cross_entropy(head(tx[idx]), train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            step += 1
+    head.eval()
     with torch.no_grad():
         logits = head(vx)
     return {"top1": accuracy(logits, val_y, num_classes, 1), "top5": accuracy(logits, val_y, num_classes, 5)}
+
+
+def linear_probe_options(lin) -> dict:
+    """``linear_probe``'s keyword arguments from ``eval.linear`` (keys missing in older configs: defaults)."""
+    init_std = lin.get("init_std", 0.01)
+    return dict(
+        epochs=int(lin.epochs), lr=float(lin.lr), weight_decay=float(lin.weight_decay),
+        batch_size=int(lin.batch_size), optimizer=str(lin.get("optimizer", "sgd")),
+        momentum=float(lin.get("momentum", 0.9)), scale_lr=bool(lin.get("scale_lr", False)),
+        schedule=str(lin.get("schedule", "cosine")), interval=str(lin.get("interval", "step")),
+        warmup_epochs=float(lin.get("warmup_epochs", 0.0)), milestones=tuple(lin.get("milestones", (60, 80))),
+        gamma=float(lin.get("gamma", 0.1)), norm=str(lin.get("norm", "standardize")),
+        init_std=None if init_std is None else float(init_std), eta=float(lin.get("eta", 0.001)),
+        lars_trust=str(lin.get("lars_trust", "moco_v3")), drop_last=bool(lin.get("drop_last", False)),
+    )
 
 
 @torch.no_grad()
@@ -131,8 +235,7 @@ def evaluate_features(train_x, train_y, val_x, val_y, num_classes: int, ecfg, li
     """
     lin = ecfg.linear
     res = linear_probe(train_x if linear_x is None else linear_x, train_y, val_x, val_y, num_classes,
-                       epochs=int(lin.epochs), lr=float(lin.lr), weight_decay=float(lin.weight_decay),
-                       batch_size=int(lin.batch_size), seed=int(ecfg.seed))
+                       seed=int(ecfg.seed), **linear_probe_options(lin))
     out = {"linear_probe_top1": res["top1"], "linear_probe_top5": res["top5"]}
     for k in ecfg.knn.k:
         scores = knn_scores(train_x, train_y, val_x, num_classes, int(k), float(ecfg.knn.temperature))

@@ -32,8 +32,10 @@ def probe_data_config(train_cfg: DictConfig, override: DictConfig | None) -> Dic
 def probe_eval_config(train_cfg: DictConfig, cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """On the run's own data, the evaluation settings the run itself used (so the probe reproduces its
     numbers) with the ``eval.*`` keys of the command line ``overrides`` on top; on other data
-    (``data=...`` given) ``cfg.eval``, the defaults of conf/eval with the command line applied."""
-    if cfg.get("data") is not None or "eval" not in train_cfg:
+    (``data=...`` given), or with a protocol named on the command line (``eval=mae_linprobe``),
+    ``cfg.eval``: that conf/eval option with the command line applied."""
+    named = any(o.lstrip("+").startswith("eval=") for o in overrides)
+    if cfg.get("data") is not None or "eval" not in train_cfg or named:
         return cfg.eval
     given = [o.lstrip("+") for o in overrides if o.lstrip("+").startswith("eval.")]
     return OmegaConf.merge(train_cfg.eval, OmegaConf.from_dotlist(given).get("eval", {}))

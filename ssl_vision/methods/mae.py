@@ -7,6 +7,7 @@ norm), run only on the visible ~25% of the patches; a light decoder with mask to
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -71,15 +72,29 @@ class MAE(SSLMethod):
                                                     norm_layer=norm) for _ in range(int(m.decoder_depth))])
         self.decoder_norm = norm(dim)
         self.decoder_pred = nn.Linear(dim, self.patch ** 2 * 3)
-        self._init_decoder()
+        self._init_weights()
 
-    def _init_decoder(self) -> None:
-        nn.init.normal_(self.mask_token, std=0.02)
-        for mod in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """``initialize_weights`` of facebookresearch/mae models_mae.py, for encoder and decoder alike:
+        every Linear xavier-uniform with zero bias, every LayerNorm weight 1 / bias 0, the patch
+        embedding xavier-uniform as a Linear over the flattened patch (its bias keeps nn.Conv2d's
+        default, redrawn here so it does not depend on timm's init), class and mask tokens N(0, 0.02).
+        The position embeddings are the fixed sin-cos tables set above."""
+        proj = self.backbone.patch_embed.proj
+        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        if proj.bias is not None:
+            bound = 1 / math.sqrt(proj.weight[0].numel())  # nn.Conv2d.reset_parameters' bias bound
+            nn.init.uniform_(proj.bias, -bound, bound)
+        for token in (self.backbone.cls_token, self.mask_token):
+            if token is not None:
+                nn.init.normal_(token, std=0.02)
+        for mod in [self.backbone, self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
             for sub in mod.modules():
                 if isinstance(sub, nn.Linear):
                     nn.init.xavier_uniform_(sub.weight)
-                    nn.init.zeros_(sub.bias)
+                    if sub.bias is not None:
+                        nn.init.zeros_(sub.bias)
                 elif isinstance(sub, nn.LayerNorm):
                     nn.init.ones_(sub.weight)
                     nn.init.zeros_(sub.bias)

@@ -26,6 +26,37 @@ from .base import SSLMethod, mlp
 log = logging.getLogger(__name__)
 
 
+def _xavier_patch_embed(proj: nn.Conv2d) -> None:
+    """Xavier-uniform over the flattened patch (fan_in C*p*p, fan_out D), zero bias."""
+    bound = math.sqrt(6.0 / (proj.weight[0].numel() + proj.weight.shape[0]))
+    with torch.no_grad():
+        proj.weight.uniform_(-bound, bound)
+        if proj.bias is not None:
+            proj.bias.zero_()
+
+
+@torch.no_grad()
+def moco_v3_vit_init(vit: nn.Module) -> None:
+    """MoCo v3's ViT initialisation (facebookresearch/moco-v3 vits.py ``VisionTransformerMoCo.__init__``;
+    solo-learn's solo/backbones/vit/vit_mocov3.py is the same): every Linear xavier-uniform with zero
+    bias, the fused qkv Linear with the bound of each Q/K/V part (``sqrt(6 / (out/3 + in))``); the
+    class token N(0, 1e-6); the patch projection xavier-uniform over the flattened patch, zero bias.
+    (timm's ``weight_init='moco'`` leaves the patch projection at the Conv2d default.)
+    """
+    for name, mod in vit.named_modules():
+        if isinstance(mod, nn.Linear):
+            if "qkv" in name:
+                bound = math.sqrt(6.0 / (mod.weight.shape[0] // 3 + mod.weight.shape[1]))
+                mod.weight.uniform_(-bound, bound)
+            else:
+                nn.init.xavier_uniform_(mod.weight)
+            if mod.bias is not None:
+                mod.bias.zero_()
+    if getattr(vit, "cls_token", None) is not None:
+        nn.init.normal_(vit.cls_token, std=1e-6)
+    _xavier_patch_embed(vit.patch_embed.proj)
+
+
 class _MoCo(SSLMethod):
     """What both versions share: projector + its momentum twin, and computing the keys."""
 
@@ -131,16 +162,15 @@ class MoCoV3(_MoCo):
         if not self.is_vit:
             return
         m = self.cfg.method
+        if m.get("vit_moco_init", True):
+            moco_v3_vit_init(self.backbone)
         if m.get("vit_sincos_pos_embed", True):
             set_sincos_pos_embed(self.backbone)
         if m.get("vit_frozen_patch_embed", True):
-            # a fixed random patch projection (xavier-uniform over the flattened patch) stabilizes training
+            # a fixed random patch projection stabilizes training (vits.py stop_grad_conv1)
             proj = self.backbone.patch_embed.proj
-            bound = math.sqrt(6.0 / (proj.weight[0].numel() + proj.weight.shape[0]))
-            with torch.no_grad():
-                proj.weight.uniform_(-bound, bound)
-                if proj.bias is not None:
-                    proj.bias.zero_()
+            if not m.get("vit_moco_init", True):  # the projection is xavier-uniform either way, as in vits.py
+                _xavier_patch_embed(proj)
             for p in proj.parameters():
                 p.requires_grad_(False)
 
