@@ -21,6 +21,7 @@ from .config import ConfigError, check_overrides, conf_dir
 from .data import SkippedFilesReport, SSLDataModule
 from .evaluation import evaluate_backbone, load_checkpoint
 from .methods import build_method
+from .optim import gradient_accumulation_check
 
 log = logging.getLogger("ssl_vision")
 
@@ -127,6 +128,7 @@ def run(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, resume_step = resume_point(cfg, out)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    gradient_accumulation_check(cfg, int(cfg.trainer.get("accumulate_grad_batches") or 1))
     dm = SSLDataModule(cfg.data)
     dm.setup()
     model = build_method(cfg, dm.num_classes)
