@@ -18,7 +18,9 @@ class SimCLR(SSLMethod):
     def forward_views(self, views):
         b = views[0].shape[0]
         feats = self.backbone(torch.cat(views[:2]))  # one pass: BN statistics over both views
-        z1, z2 = self.projector(feats).split(b)
+        # float32 before the gather (bf16/fp16 under autocast): the gather's backward sums every rank's
+        # gradient for these rows, which must not be rounded to 16 bits
+        z1, z2 = self.projector(feats).float().split(b)
         # negatives come from every rank, with gradient, so each rank's loss also trains the others
         loss = nt_xent(z1, z2, float(self.cfg.method.temperature),
                        gather_with_grad(z1), gather_with_grad(z2), rank=rank())
