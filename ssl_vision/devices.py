@@ -10,9 +10,10 @@ CPU runs are unchanged by everything here except the DDP strategy (which is the 
   convolutions by default. Mixed precision does not need it.
 - ``backbone.channels_last: null`` -> NHWC weights and views for convolutional backbones on GPUs (the
   tensor-core convolution layout), left off on CPUs (``backbones.py``). ViT presets have no such key.
-- ``trainer.strategy`` ``ddp`` (and its ``ddp_*`` variants): DDP without ``broadcast_buffers``. DDP
-  would copy every buffer from rank 0 before each forward - the MoCo v2 queue (65536 x 128 x 2 floats,
-  64 MiB) every step. Our buffers need no such copy: the queue and its pointer are identical on every rank
+- ``trainer.strategy`` ``ddp`` (and its ``ddp_*`` variants): DDP without the buffer copy before every
+  forward (``forward_sync_buffers=False``; ``broadcast_buffers=False`` before torch added that, which also
+  skips the one copy at start). DDP would otherwise copy every buffer from rank 0 before each forward -
+  the MoCo v2 queue (65536 x 128 x 2 floats, 64 MiB) every step. Our buffers need no such copy: the queue and its pointer are identical on every rank
   by construction (every rank writes the same all-gathered keys at the same pointer; ``MoCoV2`` also
   broadcasts them once at fit start), and BatchNorm running statistics are never read in training (BN in
   training mode normalizes with batch statistics); SyncBatchNorm keeps them identical, and where ranks keep
@@ -21,6 +22,8 @@ CPU runs are unchanged by everything here except the DDP strategy (which is the 
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -48,8 +51,8 @@ def device_trainer_kwargs(kwargs: dict, gpu: bool) -> dict:
 
 
 def ddp_without_buffer_broadcast(strategy):
-    """``ddp`` / ``ddp_*`` strategy names as a ``DDPStrategy`` with ``broadcast_buffers=False``; any other
-    strategy (``auto``, ``fsdp``, an object) is returned as given."""
+    """``ddp`` / ``ddp_*`` strategy names as a ``DDPStrategy`` that does not copy buffers before each forward;
+    any other strategy (``auto``, ``fsdp``, an object) is returned as given."""
     if not isinstance(strategy, str):
         return strategy
     from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
@@ -57,4 +60,6 @@ def ddp_without_buffer_broadcast(strategy):
     entry = dict.get(StrategyRegistry, strategy)  # the registry's own .get builds the strategy
     if entry is None or entry["strategy"] is not DDPStrategy:
         return strategy
-    return DDPStrategy(**entry["init_params"], broadcast_buffers=False)
+    ddp_args = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in ddp_args else {"broadcast_buffers": False}
+    return DDPStrategy(**entry["init_params"], **no_sync)

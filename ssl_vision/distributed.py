@@ -53,15 +53,6 @@ def _padded(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([x, pad]).contiguous()
 
 
-def gather_variable(x: torch.Tensor) -> torch.Tensor:
-    """``gather_no_grad`` for tensors whose first dimension differs between ranks."""
-    if world_size() == 1:
-        return x
-    sizes = _sizes(x)
-    full = gather_no_grad(_padded(x, max(sizes)))
-    return torch.cat([c[:s] for c, s in zip(full.split(max(sizes)), sizes)])
-
-
 @torch.no_grad()
 def gather_to(x: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
     """Concatenate ``x`` (first dimension may differ between ranks) from all ranks on rank ``dst`` only.

@@ -13,7 +13,6 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
@@ -74,8 +73,6 @@ def build_trainer(cfg: DictConfig, out: Path, labelled: bool = True, resume_step
     throughput = Throughput()
     callbacks = [LastCheckpoint(out / "checkpoints", every_n_steps=cfg.checkpoint.every_n_steps), throughput,
                  SkippedFilesReport()]
-    if kwargs.get("enable_progress_bar", True):  # the bar reads its values on the host: once per logging step
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, int(kwargs.get("log_every_n_steps") or 1))))
     try:
         trainer = L.Trainer(**kwargs, default_root_dir=str(out), logger=RunCSVLogger(str(out), resume_step),
                             callbacks=callbacks, enable_checkpointing=False, plugins=[AtomicCheckpointIO()])

@@ -262,7 +262,10 @@ class SSLMethod(L.LightningModule, abc.ABC):
             views, labels = self._stand_in(views)
         out = self.forward_views(views)
         loss = out["loss"]
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=images)
+        # the progress bar shows the last epoch's mean: Lightning reads progress-bar values on the host
+        # after every batch, so a per-step value there would be a host sync per step
+        self.log("loss", loss, on_step=False, on_epoch=True, prog_bar=True, logger=False, batch_size=images)
         if self.probe is not None:
             probe_loss, correct, labelled = self.online_probe(out["feats"], labels)
             # epoch means over the labelled samples of all ranks (count-weighted)
