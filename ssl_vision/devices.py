@@ -13,12 +13,13 @@ CPU runs are unchanged by everything here except the DDP strategy (which is the 
 - ``trainer.strategy`` ``ddp`` (and its ``ddp_*`` variants): DDP without the buffer copy before every
   forward (``forward_sync_buffers=False``; ``broadcast_buffers=False`` before torch added that, which also
   skips the one copy at start). DDP would otherwise copy every buffer from rank 0 before each forward -
-  the MoCo v2 queue (65536 x 128 x 2 floats, 64 MiB) every step. Our buffers need no such copy: the queue and its pointer are identical on every rank
-  by construction (every rank writes the same all-gathered keys at the same pointer; ``MoCoV2`` also
-  broadcasts them once at fit start), and BatchNorm running statistics are never read in training (BN in
-  training mode normalizes with batch statistics); SyncBatchNorm keeps them identical, and where ranks keep
-  their own (CPU, the online probe), validation and evaluation first take rank 0's, which are the ones a
-  checkpoint holds (``SSLMethod.on_validation_epoch_start``, ``evaluation.evaluate_backbone``).
+  the MoCo v2 queue (65536 x 128 x 2 floats, 64 MiB) every step. Our buffers need no such copy: the
+  queue and its pointer are identical on every rank by construction (every rank writes the same
+  all-gathered keys at the same pointer; ``MoCoV2`` also broadcasts them once at fit start), and
+  BatchNorm running statistics are never read in training (BN in training mode normalizes with batch
+  statistics); SyncBatchNorm keeps them identical, and where ranks keep their own (CPU, the online
+  probe), validation and evaluation first take rank 0's, which are the ones a checkpoint holds
+  (``SSLMethod.on_validation_epoch_start``, ``evaluation.evaluate_backbone``).
 """
 
 from __future__ import annotations

@@ -140,7 +140,8 @@ def probe_step(labels, rank=0, world=1):
     model.probe.eval()
     feats = torch.randn(B, model.feat_dim, generator=torch.Generator().manual_seed(7))
     n = B // world
-    loss, _, labelled = model.online_probe(feats[rank * n:(rank + 1) * n], torch.tensor(labels)[rank * n:(rank + 1) * n])
+    share = slice(rank * n, (rank + 1) * n)
+    loss, _, labelled = model.online_probe(feats[share], torch.tensor(labels)[share])
     loss.backward()
     local = [p.grad.clone() for p in model.probe.parameters()]  # None (an error here) = unused by DDP
     averaged = [g.clone() for g in local]
@@ -169,6 +170,27 @@ def rank_agreement(rank):
     return message, model.probe[0].running_mean.clone()
 
 
+def empty_batch_step(rank):
+    """Rank 1's batch is empty (every file unreadable): it trains on the zero-weighted stand-in, so both
+    ranks run SimCLR's gathers with equal shapes and finish the step; returns (loss, its batch size)."""
+    from ssl_vision.methods import build_method
+
+    torch.manual_seed(0)
+    model = build_method(make_cfg(METHODS["simclr"] + ["data.batch_size=4"]), num_classes=3)
+    views, _ = fixed_inputs()
+    labels = torch.tensor([0, 1, 2, 0])
+    if rank == 1:
+        views, labels = model._stand_in([v[:0] for v in views])
+    else:
+        views = [v[:4] for v in views]
+    out = model.forward_views(views)
+    loss = out["loss"] + model.online_probe(out["feats"], labels)[0]
+    if rank == 1:
+        loss = loss * 0.0
+    loss.backward()
+    return loss.detach(), len(labels)
+
+
 def _worker(rank, world, init_file, out_dir):
     from ssl_vision.distributed import gather_no_grad
 
@@ -181,6 +203,7 @@ def _worker(rank, world, init_file, out_dir):
         results["probe"] = probe_metrics(perturb_statistics=rank == 1)
         results["online_probe"] = {case: probe_step(labels, rank, world) for case, labels in PROBE_LABELS.items()}
         results["agreement"] = rank_agreement(rank)
+        results["empty_batch"] = empty_batch_step(rank)
         torch.save(results, os.path.join(out_dir, f"ddp{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -229,6 +252,9 @@ def test_two_ranks_equal_one_rank_for_every_method(tmp_path):
     (msg0, mean0), (msg1, mean1) = ddp[0]["agreement"], ddp[1]["agreement"]
     assert msg0 == msg1 == "non-finite loss nan at step 0 (rank 1 of 2)"
     assert torch.equal(mean0, torch.ones_like(mean0)) and torch.equal(mean1, mean0)
+    # an empty batch on rank 1 (data.batch_size per rank): both finish the step, rank 1 adds nothing
+    (loss0, n0), (loss1, n1) = ddp[0]["empty_batch"], ddp[1]["empty_batch"]
+    assert torch.isfinite(loss0) and float(loss1) == 0.0 and n0 == n1 == 4
 
 
 def test_cli_ddp_run_on_two_cpu_processes(tmp_path):
@@ -251,9 +277,9 @@ def test_cli_ddp_run_on_two_cpu_processes(tmp_path):
     run, record = tmp_path / "run", tmp_path / "record"
     record.mkdir()
     script = Path(__file__).with_name("ddp_instrumented.py")
-    r = subprocess.run([sys.executable, str(script), "trainer=ddp", "trainer.devices=2",
-                        "trainer.accelerator=cpu", "data=synthetic", "data.label_fraction=0.01", "backbone=resnet18_tiny",
-                        "trainer.max_epochs=1", "eval.linear.epochs=5", "eval.linear.augment_copies=2", "plots=false",
+    r = subprocess.run([sys.executable, str(script), "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+                        "data=synthetic", "data.label_fraction=0.01", "backbone=resnet18_tiny", "trainer.max_epochs=1",
+                        "eval.linear.epochs=5", "eval.linear.augment_copies=2", "plots=false",
                         "trainer.enable_progress_bar=false", f"hydra.run.dir={run}"],
                        capture_output=True, text=True, timeout=600, cwd=tmp_path,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "SSLV_TEST_RECORD": str(record)})

@@ -463,9 +463,9 @@ def main(argv=None) -> list[dict]:
     print("\nfloor: " + "; ".join(f"{m}: {FLOOR[m]}" for m in dict.fromkeys(x["method"] for x in records)))
     print("step: a real Trainer iteration (fetch, augmentation, heads, loss, probe, backward, optimizer, EMA/queue); "
           "masked: MAE encoder on visible tokens fwd+bwd; enc+dec: that encoder + MAE's decoder fwd+bwd "
-          f"(the step adds loss, augmentation, the probe's full-image forward, optimizer); peak MiB: {r['memory_kind']}; "
-          f"syncs: host syncs in one iteration by origin (training step / augmentation / loader / Lightning), "
-          f"{r['host_sync_method']}")
+          f"(the step adds loss, augmentation, the probe's full-image forward, optimizer); "
+          f"peak MiB: {r['memory_kind']}; syncs: host syncs in one iteration by origin (training step / "
+          f"augmentation / loader / Lightning), {r['host_sync_method']}")
     for r in records:
         for site in r["host_sync_sites"]:
             print(f"  {r['method']} {r['backbone']}: {site}")
