@@ -110,3 +110,27 @@ def test_a_host_sync_in_the_step_is_counted_and_located(bench, monkeypatch):
     sites = [s for s in r["host_sync_sites"] if s.startswith("step: ssl_vision.methods.base:")]
     assert len(sites) == 2 and all("(training_step)" in s for s in sites), r["host_sync_sites"]
     assert {s.split()[-1] for s in sites} == {"aten.index", "aten._local_scalar_dense"}
+
+
+def test_gpu_counting_takes_the_sync_debug_warnings_and_passes_the_others_on(bench, monkeypatch):
+    """The GPU path without a GPU: torch.cuda.set_sync_debug_mode("warn") makes every synchronizing call warn
+    "called a synchronizing CUDA operation" (c10/cuda); the counter turns those into events, every other
+    warning still reaches the user, and stop() restores the warning machinery and the debug mode."""
+    import warnings
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *args, **kwargs: shown.append(str(message)))
+    counter = bench.HostSyncCounter(cuda=True)
+    counter.start()
+    for _ in range(2):  # the same call site twice: both counted
+        warnings.warn("called a synchronizing CUDA operation")
+    warnings.warn("something else")
+    counter.stop()
+    warnings.warn("after the window")
+    assert modes == ["warn", 0]
+    assert [what for _, what, _ in counter.events] == ["cuda sync", "cuda sync"]
+    assert counter.summary()[0]["other"] == 2  # this test's frames are neither ssl_vision's nor Lightning's
+    assert shown == ["something else", "after the window"]
