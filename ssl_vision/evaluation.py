@@ -17,7 +17,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .augment import EvalTransform, ProbeCrops
-from .distributed import gather_variable
+from .distributed import broadcast_object, broadcast_tensors_, gather_to, rank, world_size
 
 
 def weights_checksum(module: nn.Module) -> str:
@@ -32,8 +32,6 @@ def shard(loader):
     """This rank's strided share of a loader's dataset (every sample exactly once over all ranks)."""
     from torch.utils.data import DataLoader, Subset
 
-    from .distributed import rank, world_size
-
     if world_size() == 1:
         return loader
     subset = Subset(loader.dataset, range(rank(), len(loader.dataset), world_size()))
@@ -42,13 +40,16 @@ def shard(loader):
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, loader, transform: nn.Module, device) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(backbone: nn.Module, loader, transform: nn.Module, device
+                     ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
     """Features (N, D) float32 on CPU and labels (N,) of every sample of ``loader``'s dataset.
 
     ``transform(images_uint8, sizes, indexes)`` makes the backbone's input (``EvalTransform``, ``ProbeCrops``).
 
-    Under DDP each rank embeds its share; the shares are gathered and put back in dataset order,
-    so the result (and every probe on it) is the same for any number of ranks.
+    Under DDP (called on every rank) each rank embeds its share, so every sample is embedded exactly
+    once; the shares are gathered on rank 0 alone and put back in dataset order there, so the result
+    (and every probe on it) is the same for any number of ranks. The other ranks get ``(None, None)``:
+    only one process holds the feature matrix.
     """
     was_training = backbone.training
     backbone.eval()
@@ -61,9 +62,11 @@ def extract_features(backbone: nn.Module, loader, transform: nn.Module, device) 
             indexes.append(idx.to(device))
     finally:
         backbone.train(was_training)
-    f, y, i = (gather_variable(torch.cat(t)).cpu() for t in (feats, labels, indexes))
-    order = i.argsort()
-    return f[order], y[order]
+    f, y, i = (gather_to(torch.cat(t), dst=0) for t in (feats, labels, indexes))
+    if f is None:
+        return None, None
+    order = i.cpu().argsort()
+    return f.cpu()[order], y.cpu()[order]
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int = 1) -> float:
@@ -252,7 +255,14 @@ def evaluate_backbone(backbone: nn.Module, datamodule, transform: EvalTransform,
     Validation and the kNN bank use center crops (``transform``); the linear head trains on
     ``eval.linear.augment_copies`` fixed random crops of each training image (``ProbeCrops``), or on
     the center crops when that is 0.
+
+    Under DDP every rank calls it once the process group exists: the backbone takes rank 0's buffers
+    (BatchNorm statistics, which ranks without SyncBatchNorm keep apart; rank 0's are the checkpoint's),
+    each rank embeds its share of every set (``extract_features``), rank 0 alone holds the features and
+    runs the probes, and every rank returns rank 0's metrics (the features: ``None`` on the others).
+    The other ranks wait for rank 0's probes in that broadcast, within the process group's timeout.
     """
+    broadcast_tensors_(list(backbone.buffers()), src=0)
     before = weights_checksum(backbone)
     train_loader, val_loader = datamodule.probe_dataloaders(batch_size=int(ecfg.batch_size))
     transform = transform.to(device)
@@ -262,13 +272,17 @@ def evaluate_backbone(backbone: nn.Module, datamodule, transform: EvalTransform,
     if int(lin.get("augment_copies", 0)) > 0:
         crops = [ProbeCrops(transform, c, int(ecfg.seed), tuple(lin.crop_scale), flip_prob=float(lin.flip_prob))
                  for c in range(int(lin.augment_copies))]
-        linear_x = torch.stack([extract_features(backbone, train_loader, t, device)[0] for t in crops])
+        copies = [extract_features(backbone, train_loader, t, device)[0] for t in crops]
+        linear_x = torch.stack(copies) if rank() == 0 else None
     if weights_checksum(backbone) != before:
         raise RuntimeError("evaluation changed the backbone's weights or BatchNorm statistics")
-    known = train_y >= 0
-    metrics = evaluate_features(train_x[known], train_y[known], val_x, val_y, datamodule.num_classes, ecfg,
-                                None if linear_x is None else linear_x[:, known])
-    return (metrics, (val_x, val_y)) if return_features else metrics
+    metrics = None
+    if rank() == 0:
+        known = train_y >= 0
+        metrics = evaluate_features(train_x[known], train_y[known], val_x, val_y, datamodule.num_classes, ecfg,
+                                    None if linear_x is None else linear_x[:, known])
+    metrics = broadcast_object(metrics, src=0)
+    return (metrics, (val_x, val_y) if val_x is not None else None) if return_features else metrics
 
 
 def load_checkpoint(path) -> dict:

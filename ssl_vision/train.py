@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from .callbacks import AtomicCheckpointIO, LastCheckpoint, RunCSVLogger, Throughput
 from .config import ConfigError, check_overrides, conf_dir
 from .data import SkippedFilesReport, SSLDataModule
+from .devices import apply_device_defaults, device_trainer_kwargs, trains_on_gpu
 from .evaluation import evaluate_backbone, load_checkpoint
 from .methods import build_method
 from .optim import gradient_accumulation_check
@@ -62,8 +63,8 @@ def resume_point(cfg: DictConfig, out: Path) -> tuple[Path | None, int]:
 def build_trainer(cfg: DictConfig, out: Path, labelled: bool = True, resume_step: int | None = None
                   ) -> tuple[L.Trainer, Throughput]:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    on_gpu = kwargs.get("accelerator") in ("gpu", "cuda") or (kwargs.get("accelerator") == "auto"
-                                                               and torch.cuda.is_available())
+    on_gpu = trains_on_gpu(kwargs)
+    kwargs = device_trainer_kwargs(kwargs, on_gpu)  # cuDNN autotuning on GPUs; DDP without buffer broadcasts
     if kwargs.get("sync_batchnorm") and not on_gpu:
         # torch implements SyncBatchNorm for GPUs only; CPU ranks keep per-rank batch statistics
         log.warning("trainer.sync_batchnorm: SyncBatchNorm needs GPUs; on CPU each rank uses its own batch statistics")
@@ -131,6 +132,7 @@ def run(cfg: DictConfig) -> dict:
     gradient_accumulation_check(cfg, int(cfg.trainer.get("accumulate_grad_batches") or 1))
     dm = SSLDataModule(cfg.data)
     dm.setup()
+    apply_device_defaults(cfg, trains_on_gpu(OmegaConf.to_container(cfg.trainer, resolve=True)))
     model = build_method(cfg, dm.num_classes)
     devices, nodes = cfg.trainer.get("devices"), int(cfg.trainer.get("num_nodes", 1))
     if isinstance(devices, int) and hasattr(model, "check_queue_size"):  # fail before the Trainer starts
@@ -150,15 +152,10 @@ def run(cfg: DictConfig) -> dict:
     # the Trainer's device for this rank (Lightning moves the model back to the CPU after fit)
     device = trainer.strategy.root_device
     baseline_file = out / "random_init.json"  # kept for a resumed run's summary
+    baseline = None
     if evaluate and cfg.eval.random_init_baseline and ckpt_path is None:
-        base = evaluate_backbone(model.backbone.to(device), dm, model.eval_transform, cfg.eval, device)
-        baseline = {"random_init_linear_probe_top1": base["linear_probe_top1"],
-                    "random_init_knn_top1": base["knn_top1"]}
-        summary.update(baseline)
-        if trainer.is_global_zero:  # files and info logs: rank 0 only
-            baseline_file.write_text(json.dumps(baseline, indent=2) + "\n")
-            log.info("random-init backbone: linear top-1 %.4f, kNN top-1 %.4f", base["linear_probe_top1"],
-                     base["knn_top1"])
+        baseline = RandomInitBaseline(dm, cfg.eval, baseline_file)  # at fit start: sharded over the ranks
+        trainer.callbacks.append(baseline)
     if ckpt_path is not None:
         if trainer.is_global_zero:
             log.info("resuming from %s", ckpt_path)
@@ -176,7 +173,9 @@ def run(cfg: DictConfig) -> dict:
         last = out / "checkpoints" / "last.ckpt"
         kept = f"; the last good checkpoint is {last}" if last.is_file() else "; no checkpoint was written yet"
         raise TrainingFailed(f"{e}{kept}") from None
-    summary["train_seconds"] = round(time.perf_counter() - start, 2)
+    if baseline is not None:
+        summary.update(baseline.metrics)
+    summary["train_seconds"] = round(time.perf_counter() - start - (baseline.seconds if baseline else 0.0), 2)
     summary["steps"] = int(trainer.global_step)
     summary["train_images_per_second"] = throughput.images_per_second
     probe_acc = trainer.callback_metrics.get("val/probe_top1")
@@ -197,6 +196,30 @@ def run(cfg: DictConfig) -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps(summary, indent=2))
     return summary
+
+
+class RandomInitBaseline(L.Callback):
+    """The probes of the untrained backbone, at fit start: the process group exists then, so each rank
+    embeds its share of the data on its own device, rank 0 alone runs the probes and writes
+    ``random_init.json``, and every rank gets the metrics (``evaluate_backbone``). Before ``fit`` every rank
+    would evaluate the whole data set itself, and on the default GPU."""
+
+    def __init__(self, datamodule, ecfg, path: Path):
+        self.datamodule, self.ecfg, self.path = datamodule, ecfg, path
+        self.metrics: dict = {}
+        self.seconds = 0.0
+
+    def on_fit_start(self, trainer, pl_module):
+        start = time.perf_counter()
+        base = evaluate_backbone(pl_module.backbone, self.datamodule, pl_module.eval_transform, self.ecfg,
+                                 trainer.strategy.root_device)
+        self.metrics = {"random_init_linear_probe_top1": base["linear_probe_top1"],
+                        "random_init_knn_top1": base["knn_top1"]}
+        if trainer.is_global_zero:  # files and info logs: rank 0 only
+            self.path.write_text(json.dumps(self.metrics, indent=2) + "\n")
+            log.info("random-init backbone: linear top-1 %.4f, kNN top-1 %.4f", base["linear_probe_top1"],
+                     base["knn_top1"])
+        self.seconds = time.perf_counter() - start
 
 
 class TrainingFailed(RuntimeError):

@@ -20,18 +20,20 @@ from .base import SSLMethod
 
 
 def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, L, p*p*C), patches in row-major order, pixels as (p, p, C)."""
+    """(B, C, H, W) -> (B, L, p*p*C), patches in row-major order, pixels as (p, p, C).
+
+    Views and a permute only (no arithmetic, so autocast never lowers the target's precision)."""
     b, c, h, w = images.shape
-    x = images.reshape(b, c, h // p, p, w // p, p)
-    return torch.einsum("bchpwq->bhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+    x = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, q, C)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
 def unpatchify(patches: torch.Tensor, p: int, c: int = 3) -> torch.Tensor:
     """(B, L, p*p*C) -> (B, C, H, W) for a square grid; the inverse of ``patchify``."""
     b, n, _ = patches.shape
     g = int(round(n ** 0.5))
-    x = patches.reshape(b, g, g, p, p, c)
-    return torch.einsum("bhwpqc->bchpwq", x).reshape(b, c, g * p, g * p)
+    x = patches.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, q)
+    return x.reshape(b, c, g * p, g * p)
 
 
 def random_masking(x: torch.Tensor, ratio: float, noise: torch.Tensor | None = None):

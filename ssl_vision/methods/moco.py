@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from ..distributed import gather_no_grad, rank
+from ..distributed import broadcast_tensors_, gather_no_grad, rank
 from ..losses import moco_v2_loss, moco_v3_loss
 from ..pos_embed import set_sincos_pos_embed
 from .base import SSLMethod, mlp
@@ -85,6 +85,11 @@ class MoCoV2(_MoCo):
 
     ``queue`` (2, K, D) holds the last K keys of each view from all ranks, ``queue_ptr`` where the
     next batch goes; both are persistent buffers, so they are saved in and restored from checkpoints.
+
+    Under DDP the queue is identical on every rank by construction: every rank enqueues the same
+    all-gathered keys at the same pointer (broadcast once at fit start, so even a differently seeded
+    start agrees). DDP therefore runs without ``broadcast_buffers`` (``ssl_vision.devices``), which would
+    copy the queue (64 MiB at the paper's size) from rank 0 before every forward.
     """
 
     def __init__(self, cfg, num_classes: int):
@@ -112,6 +117,10 @@ class MoCoV2(_MoCo):
                         "image among the negatives (and the queue starts as random keys); small data wants a smaller "
                         "queue, e.g. method.queue_size=%d", k, images, per_step * max(1, images // (5 * per_step)))
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        broadcast_tensors_([self.queue, self.queue_ptr], src=0)
+
     def check_queue_size(self, keys_per_step: int) -> None:
         k = self.queue.shape[1]
         if k % keys_per_step:
@@ -123,12 +132,15 @@ class MoCoV2(_MoCo):
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
-        """Write ``keys`` (2, N, D), gathered from all ranks, at the pointer; the pointer wraps to 0."""
-        n = keys.shape[1]
+        """Write ``keys`` (2, N, D), gathered from all ranks, at the pointer; the pointer wraps to 0.
+
+        The pointer stays on the device: the rows to write are ``ptr + arange(N)`` (N divides K, so they
+        never wrap inside a batch), computed there rather than read back with ``int(queue_ptr)``."""
+        n, k = keys.shape[1], self.queue.shape[1]
         self.check_queue_size(n)
-        ptr = int(self.queue_ptr)
-        self.queue[:, ptr:ptr + n] = F.normalize(keys.to(self.queue.dtype), dim=-1)  # bf16 keys: normalize in fp32
-        self.queue_ptr.fill_((ptr + n) % self.queue.shape[1])
+        rows = self.queue_ptr + torch.arange(n, device=self.queue.device)
+        self.queue.index_copy_(1, rows, F.normalize(keys.to(self.queue.dtype), dim=-1))  # bf16 keys: normalize in fp32
+        self.queue_ptr.copy_((self.queue_ptr + n) % k)
 
     def forward_views(self, views):
         feats = [self.backbone(v) for v in views[:2]]

@@ -57,6 +57,9 @@ class SimCLR(SSLMethod):
             f1, f2 = (self.backbone(v) for v in views[:2])
             z1, z2 = self.projector(f1), self.projector(f2)
             feats = f1
+        # float32 before the gather (bf16/fp16 under autocast): the gather's backward sums every rank's
+        # gradient for these rows, which must not be rounded to 16 bits
+        z1, z2 = z1.float(), z2.float()
         # negatives come from every rank, with gradient, so each rank's loss also trains the others
         loss = nt_xent(z1, z2, float(self.cfg.method.temperature),
                        gather_with_grad(z1), gather_with_grad(z2), rank=rank())
