@@ -37,6 +37,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 
 import lightning as L
 import torch
@@ -103,6 +104,8 @@ class SignalGuard:
 
     def __enter__(self) -> SignalGuard:
         global _ACTIVE
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may set handlers (and Python runs them there): leave them be
         for s in self.signals:
             self._previous[s] = signal.getsignal(s)
             signal.signal(s, self._handle)
@@ -202,8 +205,9 @@ class _Agreement:
 
 
 class StopOnSignal(L.Callback):
-    """Acts on the guard's signal at the end of an optimizer step (and at an epoch end): every rank saves
-    through ``last`` (rank 0 writes), then raises ``Interrupted``. Place it after ``LastCheckpoint``."""
+    """Acts on the guard's signal at the end of an optimizer step: every rank saves through ``last`` (rank 0
+    writes), then raises ``Interrupted``; and at an epoch start, for a signal that came during validation
+    (saved at the epoch's end already). Place it after ``LastCheckpoint``."""
 
     def __init__(self, guard: SignalGuard, last, command: str | None = None):
         self.guard, self.last, self.command = guard, last, command
@@ -229,11 +233,17 @@ class StopOnSignal(L.Callback):
         if signum:
             self._stop(trainer, signum)
 
-    def on_train_epoch_end(self, trainer, pl_module):
-        # after LastCheckpoint's epoch-end save; catches a signal that came during validation
+    def on_train_epoch_start(self, trainer, pl_module):
+        # a signal during the previous epoch's validation (or during set-up): that epoch's end was saved at this
+        # step (LastCheckpoint), and the epoch's metrics are logged by now; nothing new to save
         signum = self._agreement.now(self._local()) if self._agreement else self._local()
-        if signum:
-            self._stop(trainer, signum)
+        if not signum:
+            return
+        self.guard.signum = self.guard.signum or signum
+        if trainer.global_step == 0:
+            raise Interrupted(signum, self.guard.immediate_message(signum))
+        raise Interrupted(signum, self.guard.stop_message(signum, trainer.global_step, self.last.path, self.command,
+                                                          trainer.is_global_zero))
 
     def teardown(self, trainer, pl_module, stage):
         if self._agreement is not None:
@@ -241,6 +251,8 @@ class StopOnSignal(L.Callback):
 
     def _stop(self, trainer, signum: int) -> None:
         self.guard.signum = self.guard.signum or signum  # a rank told by the others acts as if signalled
+        # Lightning logs a step's metrics after on_train_batch_end, which the stop does not return to
+        trainer._logger_connector.update_train_step_metrics()
         self.last.save(trainer)  # every rank; a failed write raises CheckpointWriteError on all of them
         message = self.guard.stop_message(signum, trainer.global_step, self.last.path, self.command,
                                           trainer.is_global_zero)
