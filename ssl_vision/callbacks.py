@@ -19,6 +19,7 @@ import re
 import shutil
 import time
 import zipfile
+from io import StringIO
 from pathlib import Path
 
 import lightning as L
@@ -257,9 +258,31 @@ class Throughput(L.Callback):
         return round(self.images / self.seconds, 2) if self.seconds else None
 
 
-class _ContinuedWriter(ExperimentWriter):
+def _write_rows(path: Path, header: list[str], rows: list[dict]) -> None:
+    """``path`` as a CSV of ``rows``, written to a temporary file and renamed: a kill leaves the old file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+class _AtomicWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that when new columns appear it rewrites metrics.csv under a new
+    header by a rename, not in place (truncate, then write: a kill in between lost every row)."""
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        path = Path(self.metrics_file_path)
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        _write_rows(path, fieldnames, rows)
+
+
+class _ContinuedWriter(_AtomicWriter):
     """Lightning's CSV writer deletes an existing metrics.csv; a resumed run keeps its rows up to the
-    checkpoint's step (later ones are trained again) and appends to them."""
+    checkpoint's step (later ones are trained again) and appends to them. A last row cut short by a kill
+    (rows end with a line break) is dropped."""
 
     def __init__(self, log_dir: str, resume_step: int):
         self.resume_step = resume_step
@@ -270,14 +293,11 @@ class _ContinuedWriter(ExperimentWriter):
         if not path.is_file():
             return
         with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            header, rows = list(reader.fieldnames or []), [r for r in reader if _step(r) < self.resume_step]
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
+            text = f.read()
+        complete = text if text.endswith("\n") else text[: text.rfind("\n") + 1]
+        reader = csv.DictReader(StringIO(complete, newline=""))
+        header, rows = list(reader.fieldnames or []), [r for r in reader if _step(r) < self.resume_step]
+        _write_rows(path, header, rows)
         self.metrics_keys = header  # new keys extend it (Lightning rewrites the file with the union)
 
 
@@ -289,8 +309,8 @@ def _step(row: dict) -> float:
 
 
 class RunCSVLogger(CSVLogger):
-    """``<save_dir>/metrics.csv``; with ``resume_step``, the rows of the interrupted run up to that step
-    are kept and the resumed run appends to them."""
+    """``<save_dir>/metrics.csv``, crash-safe (``_AtomicWriter``); with ``resume_step``, the rows of the
+    interrupted run up to that step are kept and the resumed run appends to them."""
 
     def __init__(self, save_dir: str, resume_step: int | None = None):
         super().__init__(save_dir, name="", version="")
@@ -298,7 +318,8 @@ class RunCSVLogger(CSVLogger):
 
     @property
     def experiment(self):
-        if self._experiment is None and self.resume_step is not None and rank_zero_only.rank == 0:
+        if self._experiment is None and rank_zero_only.rank == 0:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _ContinuedWriter(self.log_dir, self.resume_step)
+            self._experiment = (_AtomicWriter(self.log_dir) if self.resume_step is None
+                                else _ContinuedWriter(self.log_dir, self.resume_step))
         return super().experiment  # rank > 0: Lightning's dummy

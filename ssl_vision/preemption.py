@@ -101,6 +101,7 @@ class SignalGuard:
         self.forward = None  # Lightning's launcher on rank 0 passes a signal on to the ranks it started
         self.after_training = ""  # what is on disk once training has ended, for an immediate stop's line
         self._previous: dict = {}
+        self._requeued: str | None = None
 
     def __enter__(self) -> SignalGuard:
         global _ACTIVE
@@ -132,30 +133,31 @@ class SignalGuard:
             raise Interrupted(signum, self.immediate_message(signum))
 
     def immediate_message(self, signum: int) -> str:
+        """The line for a stop outside training (requeues the job first for a requeue signal)."""
         line = f"stopped by {signal_name(signum)} " + (
             f"after training: {self.after_training}" if self.after_training
             else "before training started: nothing was trained yet; the same command starts the run again")
-        return line + self._requeue_note(signum, rank_zero=rank_zero_only.rank == 0)
+        return line + self.requeue_job(signum, rank_zero=rank_zero_only.rank == 0)
 
-    def _requeue_note(self, signum: int, rank_zero: bool) -> str:
-        """Requeue the SLURM job (global rank 0, once) for a requeue signal; the clause for the message."""
-        if signum not in REQUEUE_SIGNALS or not self.slurm_job:
+    def requeue_job(self, signum: int, rank_zero: bool) -> str:
+        """For a requeue signal under SLURM, ``scontrol requeue`` the job (global rank 0, once per process);
+        returns the clause that says so for the stop line ("" otherwise)."""
+        if signum not in REQUEUE_SIGNALS or not self.slurm_job or not rank_zero:
             return ""
-        if not rank_zero:
-            return ""
-        failed = requeue(self.slurm_job)
-        if failed:
-            return f"; requeueing SLURM job {self.slurm_job} failed ({failed})"
-        return f"; requeued SLURM job {self.slurm_job}: it continues from this checkpoint"
+        if self._requeued is None:
+            failed = requeue(self.slurm_job)
+            self._requeued = (f"; requeueing SLURM job {self.slurm_job} failed ({failed})" if failed else
+                              f"; requeued SLURM job {self.slurm_job}: it continues from this checkpoint")
+        return self._requeued
 
-    def stop_message(self, signum: int, step: int, path, command: str | None, rank_zero: bool) -> str:
-        """The line for a stop after ``step`` with ``path`` saved (requeues the job for a requeue signal)."""
+    @staticmethod
+    def stop_message(signum: int, step: int, path, command: str | None, requeued: str = "") -> str:
+        """The line for a stop after ``step`` with ``path`` saved; ``requeued``: ``requeue_job``'s clause."""
         line = f"stopped by {signal_name(signum)} after step {step}: saved {path}"
-        note = self._requeue_note(signum, rank_zero)
-        if note.startswith("; requeued"):
-            return line + note
+        if requeued.startswith("; requeued"):
+            return line + requeued
         how = f"continue with: {command}" if command else "the same command with hydra.run.dir continues it"
-        return f"{line}{note}; {how}"
+        return f"{line}{requeued}; {how}"
 
 
 class _Agreement:
@@ -242,8 +244,9 @@ class StopOnSignal(L.Callback):
         self.guard.signum = self.guard.signum or signum
         if trainer.global_step == 0:
             raise Interrupted(signum, self.guard.immediate_message(signum))
+        requeued = self.guard.requeue_job(signum, trainer.is_global_zero)
         raise Interrupted(signum, self.guard.stop_message(signum, trainer.global_step, self.last.path, self.command,
-                                                          trainer.is_global_zero))
+                                                          requeued))
 
     def teardown(self, trainer, pl_module, stage):
         if self._agreement is not None:
@@ -254,9 +257,9 @@ class StopOnSignal(L.Callback):
         # Lightning logs a step's metrics after on_train_batch_end, which the stop does not return to
         trainer._logger_connector.update_train_step_metrics()
         self.last.save(trainer)  # every rank; a failed write raises CheckpointWriteError on all of them
-        message = self.guard.stop_message(signum, trainer.global_step, self.last.path, self.command,
-                                          trainer.is_global_zero)
-        raise Interrupted(signum, message)
+        requeued = self.guard.requeue_job(signum, trainer.is_global_zero)  # after the save, never before
+        raise Interrupted(signum, self.guard.stop_message(signum, trainer.global_step, self.last.path, self.command,
+                                                          requeued))
 
 
 def after_fit(trainer, last_path, command: str | None = None) -> None:

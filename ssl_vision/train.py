@@ -64,6 +64,8 @@ def resume_point(cfg: DictConfig, out: Path) -> tuple[Path | None, int]:
         except Exception as e:  # noqa: BLE001 - truncated, garbled, not a checkpoint: try the previous one
             unreadable.append(f"{path} ({_first_line(e)})")
     else:
+        if choice != "auto":
+            raise ConfigError(f"resume: checkpoint {unreadable[0]} is unreadable")
         raise ConfigError(f"resume: no readable checkpoint: {'; '.join(unreadable)}; move them away, or "
                           "resume=null to start over")
     if unreadable and rank_zero_only.rank == 0:
@@ -204,7 +206,8 @@ def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
-        preemption.after_fit(trainer, out / "checkpoints" / "last.ckpt", continue_command(out))  # signalled after the last step
+        # a signal after the last step stops here, before evaluation; later ones stop at once
+        preemption.after_fit(trainer, out / "checkpoints" / "last.ckpt", continue_command(out))
     except FloatingPointError as e:
         last = out / "checkpoints" / "last.ckpt"
         kept = f"; the last good checkpoint is {last}" if last.is_file() else "; no checkpoint was written yet"

@@ -326,3 +326,32 @@ def test_one_run_directory_per_slurm_job(monkeypatch, case):
     # the same command (overrides in any order, launcher settings aside) names the same directory; another does not
     assert launch_overrides(list(reversed(args)) + ["hydra/launcher=slurm"])[0] == run_dir
     assert launch_overrides(args + ["optimizer.lr=0.1"])[0] != run_dir
+
+
+def test_metrics_csv_survives_a_kill_while_rewritten_or_appended(tmp_path, monkeypatch):
+    """New columns make the CSV writer rewrite metrics.csv: a kill before the rename leaves the old file whole
+    (Lightning's writer truncates it first: the SIGKILL test lost every row); a row cut short is dropped."""
+    from ssl_vision import callbacks
+
+    writer = callbacks._AtomicWriter(str(tmp_path))
+    for step in range(3):
+        writer.log_metrics({"train/loss_step": 5.0 - step}, step=step)
+    writer.save()
+    before = (tmp_path / "metrics.csv").read_text()
+
+    def killed(*args):
+        raise KeyboardInterrupt  # the process dies between writing the new file and renaming it
+
+    monkeypatch.setattr(callbacks.os, "replace", killed)
+    writer.log_metrics({"train/loss_epoch": 4.0}, step=3)  # a new column
+    with pytest.raises(KeyboardInterrupt):
+        writer.save()
+    assert (tmp_path / "metrics.csv").read_text() == before
+    monkeypatch.undo()
+
+    data = (tmp_path / "metrics.csv").read_bytes()
+    (tmp_path / "metrics.csv").write_bytes(data + b"2.5,3")  # a kill part-way through appending a row
+    callbacks._ContinuedWriter(str(tmp_path), resume_step=10)
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["train/loss_step"]) for r in rows] == [("0", "5.0"), ("1", "4.0"), ("2", "3.0")]
