@@ -16,7 +16,6 @@ import errno
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 import torch

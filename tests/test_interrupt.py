@@ -144,7 +144,8 @@ def test_slurm_time_limit_signal_requeues_once_and_the_requeued_job_resumes_in_i
     assert r.returncode == 128 + signal.SIGUSR2, out[-3000:]
     (run,) = (tmp_path / "outputs").iterdir()
     assert re.fullmatch(r"slurm-4242-[0-9a-f]{8}", run.name)
-    assert f"stopped by SIGUSR2 after step 10: saved {run / 'checkpoints' / 'last.ckpt'}; requeued SLURM job 4242" in out
+    saved = run / "checkpoints" / "last.ckpt"
+    assert f"stopped by SIGUSR2 after step 10: saved {saved}; requeued SLURM job 4242: it continues from" in out
     assert calls() == ["requeue 4242"]
     assert step_of(run / "checkpoints" / "last.ckpt") == 10
 
@@ -176,7 +177,8 @@ def test_torchrun_sigterm_to_the_launcher_stops_both_ranks_at_one_step_in_one_ru
     report.mkdir()
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", RUNNER, *RUN, *DDP],
                        capture_output=True, text=True, cwd=work, timeout=600,
-                       env=env(SSLV_SIGNAL="TERM", SSLV_SIGNAL_AT="7", SSLV_SIGNAL_TO="parent", SSLV_REPORT=str(report)))
+                       env=env(SSLV_SIGNAL="TERM", SSLV_SIGNAL_AT="7", SSLV_SIGNAL_TO="parent",
+                               SSLV_REPORT=str(report)))
     out = r.stdout + r.stderr
     ranks = [json.loads((report / f"rank{i}.json").read_text()) for i in range(2)]
     assert [x["exit_code"] for x in ranks] == [143, 143], out[-3000:]
@@ -269,7 +271,7 @@ def test_bad_checkpoint_settings_are_one_line_errors():
 
     assert check_checkpoint_config({"every_n_steps": 1000}) == {"every_n_steps": 1000, "every_n_epochs": 0,
                                                                 "keep_last": 2}
-    with pytest.raises(ConfigError, match=r"^checkpoint\.keep_last: must be an integer >= 1, got 0 \(1: last\.ckpt only"):
+    with pytest.raises(ConfigError, match=r"^checkpoint\.keep_last: must be an integer >= 1, got 0 \(1: last\.ckpt"):
         check_checkpoint_config({"keep_last": 0})
     with pytest.raises(ConfigError, match=r"^checkpoint\.every_n_epochs: must be an integer >= 0, got -1 \(0: off\)$"):
         check_checkpoint_config({"every_n_epochs": -1})
@@ -355,3 +357,19 @@ def test_metrics_csv_survives_a_kill_while_rewritten_or_appended(tmp_path, monke
     with open(tmp_path / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["step"], r["train/loss_step"]) for r in rows] == [("0", "5.0"), ("1", "4.0"), ("2", "3.0")]
+
+
+def test_torchrun_without_an_agent_store_names_the_directory_by_its_run_id(monkeypatch):
+    from ssl_vision.config import ConfigError
+    from ssl_vision.rundir import launch_overrides
+
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "TORCHELASTIC_"))]:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")  # torchrun --rdzv-id=job7
+    assert launch_overrides(["method=simclr"]) == ["hydra.run.dir=outputs/torchrun-job7", "hydra.output_subdir=null",
+                                                   "hydra.job.name=train_rank1"]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # static rendezvous without an id: nothing shared to name it
+    with pytest.raises(ConfigError, match=r"^hydra\.run\.dir: under torchrun without an agent store or --rdzv-id"):
+        launch_overrides(["method=simclr"])
