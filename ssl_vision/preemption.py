@@ -92,8 +92,9 @@ class SignalGuard:
     recorded in ``signum`` and acted on by ``StopOnSignal`` at the end of the step. Forked processes (loader
     workers) inherit the handler and ignore the signal: the main process stops them."""
 
-    def __init__(self):
+    def __init__(self, command: str | None = None):
         self.pid = os.getpid()
+        self.command = command  # the shell command that continues the run (``rundir.continue_command``)
         self.slurm_job = slurm_job_id()
         self.signals = STOP_SIGNALS + (REQUEUE_SIGNALS if self.slurm_job else ())
         self.signum: int | None = None
@@ -134,9 +135,10 @@ class SignalGuard:
 
     def immediate_message(self, signum: int) -> str:
         """The line for a stop outside training (requeues the job first for a requeue signal)."""
+        how = f": {self.command}" if self.command else " with hydra.run.dir=<run dir>"
         line = f"stopped by {signal_name(signum)} " + (
             f"after training: {self.after_training}" if self.after_training
-            else "before training started: nothing was trained yet; the same command starts the run again")
+            else f"before training started: nothing new to save; start (or continue) the run with the command{how}")
         return line + self.requeue_job(signum, rank_zero=rank_zero_only.rank == 0)
 
     def requeue_job(self, signum: int, rank_zero: bool) -> str:
@@ -150,13 +152,12 @@ class SignalGuard:
                               f"; requeued SLURM job {self.slurm_job}: it continues from this checkpoint")
         return self._requeued
 
-    @staticmethod
-    def stop_message(signum: int, step: int, path, command: str | None, requeued: str = "") -> str:
+    def stop_message(self, signum: int, step: int, path, requeued: str = "") -> str:
         """The line for a stop after ``step`` with ``path`` saved; ``requeued``: ``requeue_job``'s clause."""
         line = f"stopped by {signal_name(signum)} after step {step}: saved {path}"
         if requeued.startswith("; requeued"):
             return line + requeued
-        how = f"continue with: {command}" if command else "the same command with hydra.run.dir continues it"
+        how = f"continue with: {self.command}" if self.command else "the same command with hydra.run.dir continues it"
         return f"{line}{requeued}; {how}"
 
 
@@ -211,18 +212,22 @@ class StopOnSignal(L.Callback):
     writes), then raises ``Interrupted``; and at an epoch start, for a signal that came during validation
     (saved at the epoch's end already). Place it after ``LastCheckpoint``."""
 
-    def __init__(self, guard: SignalGuard, last, command: str | None = None):
-        self.guard, self.last, self.command = guard, last, command
+    def __init__(self, guard: SignalGuard, last):
+        self.guard, self.last = guard, last
         self._agreement: _Agreement | None = None
         self._step = -1
 
     def setup(self, trainer, pl_module, stage):
-        self.guard.deferred = True
         launcher = trainer.strategy.launcher
         if launcher is not None and trainer.is_global_zero:
             self.guard.forward = launcher.kill  # the ranks Lightning started on this node (none otherwise)
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             self._agreement = _Agreement(trainer.strategy.root_device)
+
+    def on_train_start(self, trainer, pl_module):
+        # from here a signal waits for the end of the step; before (set-up, a random-init baseline at fit
+        # start), nothing is in flight and it stops the process at once
+        self.guard.deferred = True
 
     def _local(self) -> int:
         return int(self.guard.signum or 0)
@@ -245,8 +250,7 @@ class StopOnSignal(L.Callback):
         if trainer.global_step == 0:
             raise Interrupted(signum, self.guard.immediate_message(signum))
         requeued = self.guard.requeue_job(signum, trainer.is_global_zero)
-        raise Interrupted(signum, self.guard.stop_message(signum, trainer.global_step, self.last.path, self.command,
-                                                          requeued))
+        raise Interrupted(signum, self.guard.stop_message(signum, trainer.global_step, self.last.path, requeued))
 
     def teardown(self, trainer, pl_module, stage):
         if self._agreement is not None:
@@ -258,11 +262,10 @@ class StopOnSignal(L.Callback):
         trainer._logger_connector.update_train_step_metrics()
         self.last.save(trainer)  # every rank; a failed write raises CheckpointWriteError on all of them
         requeued = self.guard.requeue_job(signum, trainer.is_global_zero)  # after the save, never before
-        raise Interrupted(signum, self.guard.stop_message(signum, trainer.global_step, self.last.path, self.command,
-                                                          requeued))
+        raise Interrupted(signum, self.guard.stop_message(signum, trainer.global_step, self.last.path, requeued))
 
 
-def after_fit(trainer, last_path, command: str | None = None) -> None:
+def after_fit(trainer, last_path) -> None:
     """Call when ``trainer.fit`` has returned: a signal that came after the last step stops the run here
     (all ranks agree), before evaluation; from now on a signal stops the process at once."""
     guard = _ACTIVE
@@ -274,7 +277,7 @@ def after_fit(trainer, last_path, command: str | None = None) -> None:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         signum = int(flag.item())
     done = f"training is complete ({last_path} at step {trainer.global_step})"
-    how = f"the same command evaluates it: {command}" if command else "the same command evaluates it"
+    how = f"the same command evaluates it: {guard.command}" if guard.command else "the same command evaluates it"
     guard.after_training = f"{done}; {how}"
     guard.deferred = False
     if signum:

@@ -130,7 +130,10 @@ def continue_command(out: Path) -> str:
 
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    program = ["-m", spec.name] if spec is not None and spec.name else [sys.argv[0]]
+    if spec is None and sys.argv[0].endswith(".py"):  # a script that calls ssl_vision.train.main
+        program = [sys.argv[0]]
+    else:  # python -m ssl_vision.train, or another runner (e.g. submitit's, in a SLURM job)
+        program = ["-m", "ssl_vision.train"]
     if Path(sys.argv[0]).name == "ssl-vision-train":
         head = ["ssl-vision-train"]
     elif _torchrun():

@@ -104,7 +104,7 @@ def build_trainer(cfg: DictConfig, out: Path, labelled: bool = True, resume_step
     callbacks = [last, throughput, SkippedFilesReport()]
     guard = preemption.active()
     if guard is not None:  # after LastCheckpoint: a stop at a step it saved already does not save twice
-        callbacks.insert(1, preemption.StopOnSignal(guard, last, continue_command(out)))
+        callbacks.insert(1, preemption.StopOnSignal(guard, last))
     try:
         trainer = L.Trainer(**kwargs, default_root_dir=str(out), logger=RunCSVLogger(str(out), resume_step),
                             callbacks=callbacks, enable_checkpointing=False, plugins=[io])
@@ -207,7 +207,7 @@ def run(cfg: DictConfig) -> dict:
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
         # a signal after the last step stops here, before evaluation; later ones stop at once
-        preemption.after_fit(trainer, out / "checkpoints" / "last.ckpt", continue_command(out))
+        preemption.after_fit(trainer, out / "checkpoints" / "last.ckpt")
     except FloatingPointError as e:
         last = out / "checkpoints" / "last.ckpt"
         kept = f"; the last good checkpoint is {last}" if last.is_file() else "; no checkpoint was written yet"
@@ -244,7 +244,7 @@ class TrainingFailed(RuntimeError):
 @hydra.main(config_path=str(conf_dir()), config_name="train", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
     try:
-        with preemption.SignalGuard():
+        with preemption.SignalGuard(continue_command(run_dir_of(cfg))):
             run(cfg)
     except preemption.Interrupted as e:  # the step reached is saved (ssl_vision/preemption.py)
         if rank_zero_only.rank == 0:
