@@ -127,17 +127,20 @@ def test_sigterm_then_sigint_save_their_step_and_the_logged_command_resumes_exac
     assert all(abs(la[s] - lb[s]) < 1e-5 for s in la)
 
 
-def test_slurm_time_limit_signal_requeues_once_and_the_requeued_job_resumes_in_its_directory(tmp_path, straight):
-    """Simulated SLURM job 4242 with a stub scontrol; no hydra.run.dir: the job id names the directory."""
+def stub_scontrol(tmp_path):
+    """A stub ``scontrol`` that records its arguments; returns (PATH with it first, its calls)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text('#!/bin/sh\necho "$@" >> "$(dirname "$0")/calls"\n')
     (bin_dir / "scontrol").chmod(0o755)
-    job = {**SLURM, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    calls = bin_dir / "calls"
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}", lambda: calls.read_text().splitlines() if calls.exists() else []
 
-    def calls():
-        return (bin_dir / "calls").read_text().splitlines() if (bin_dir / "calls").exists() else []
 
+def test_slurm_time_limit_signal_requeues_once_and_the_requeued_job_resumes_in_its_directory(tmp_path, straight):
+    """Simulated SLURM job 4242 with a stub scontrol; no hydra.run.dir: the job id names the directory."""
+    path, calls = stub_scontrol(tmp_path)
+    job = {**SLURM, "PATH": path}
     # sbatch --signal=USR2@120 (or the submitit launcher): USR2 while computing step 10
     r = runner(*RUN, cwd=tmp_path, SSLV_SIGNAL="USR2", SSLV_SIGNAL_AT="9", **job)
     out = r.stdout + r.stderr
@@ -147,21 +150,34 @@ def test_slurm_time_limit_signal_requeues_once_and_the_requeued_job_resumes_in_i
     saved = run / "checkpoints" / "last.ckpt"
     assert f"stopped by SIGUSR2 after step 10: saved {saved}; requeued SLURM job 4242: it continues from" in out
     assert calls() == ["requeue 4242"]
-    assert step_of(run / "checkpoints" / "last.ckpt") == 10
+    assert step_of(saved) == 10 and not (run / "summary.json").exists()
 
-    # the requeued job: same command, same SLURM_JOB_ID. SIGTERM (scancel, or the time limit itself) saves but
-    # never requeues
-    r = runner(*RUN, cwd=tmp_path, SSLV_SIGNAL="TERM", SSLV_SIGNAL_AT="14", **job)
-    out = r.stdout + r.stderr
-    assert r.returncode == 143, out[-3000:]
-    assert f"resuming from {run / 'checkpoints' / 'last.ckpt'}" in out
-    assert step_of(run / "checkpoints" / "last.ckpt") == 15 and calls() == ["requeue 4242"]
-
+    # the requeued job: the same command, the same SLURM_JOB_ID
     r = runner(*RUN, cwd=tmp_path, **job)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert f"resuming from {saved}" in out
     assert [p.name for p in (tmp_path / "outputs").iterdir()] == [run.name]
+    assert calls() == ["requeue 4242"] and (run / "summary.json").exists()
+    assert_same_weights(saved, straight / "checkpoints" / "last.ckpt")
+
+
+def test_only_the_time_limit_signal_requeues_and_only_once(tmp_path, monkeypatch):
+    """SIGTERM is also what scancel sends: it never requeues. A requeue signal does, once, from rank 0."""
+    from ssl_vision.preemption import SignalGuard
+
+    path, calls = stub_scontrol(tmp_path)
+    for key, value in {**SLURM, "PATH": path}.items():
+        monkeypatch.setenv(key, value)
+    guard = SignalGuard()
+    assert guard.slurm_job == "4242" and signal.SIGUSR2 in guard.signals
+    assert guard.requeue_job(signal.SIGTERM, rank_zero=True) == "" and calls() == []
+    assert guard.requeue_job(signal.SIGUSR1, rank_zero=False) == "" and calls() == []
+    for _ in range(2):
+        assert guard.requeue_job(signal.SIGUSR2, rank_zero=True).startswith("; requeued SLURM job 4242")
     assert calls() == ["requeue 4242"]
-    assert_same_weights(run / "checkpoints" / "last.ckpt", straight / "checkpoints" / "last.ckpt")
+    monkeypatch.delenv("SLURM_NTASKS")  # not under SLURM: the user signals are left alone
+    assert SignalGuard().signals == (signal.SIGTERM, signal.SIGINT)
 
 
 def test_torchrun_sigterm_to_the_launcher_stops_both_ranks_at_one_step_in_one_run_directory(tmp_path):
