@@ -81,7 +81,8 @@ def resume_point(cfg: DictConfig, out: Path) -> tuple[Path | None, int]:
 
 
 def _first_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
+    """The first sentence of ``e``'s message, on one line (torch's unreadable-file errors go on for lines)."""
+    text = " ".join(str(e).split()).split(". ")[0] or type(e).__name__
     return text if len(text) <= 160 else text[:157] + "..."
 
 
