@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .augment import EvalTransform
-from .config import ConfigError, check_overrides, conf_dir
+from .cli import entry_point
+from .config import ConfigError
 from .data import SSLDataModule
 from .evaluation import backbone_from_checkpoint, evaluate_backbone, load_checkpoint
 
@@ -67,23 +66,7 @@ def probe(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(config_path=str(conf_dir()), config_name="probe", version_base=None)
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        probe(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    try:
-        check_overrides(sys.argv[1:], "probe")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    _hydra_main()
-
+main = entry_point("probe", probe)
 
 if __name__ == "__main__":
     main()

@@ -9,20 +9,24 @@ import time
 import warnings
 from pathlib import Path
 
-import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import AtomicCheckpointIO, LastCheckpoint, RunCSVLogger, Throughput
-from .config import ConfigError, check_overrides, conf_dir
+from . import preemption
+from .callbacks import (AtomicCheckpointIO, CheckpointWriteError, LastCheckpoint, RunCSVLogger, Throughput,
+                        check_checkpoint_config, versions)
+from .cli import RunFailed, entry_point
+from .config import ConfigError
 from .data import SkippedFilesReport, SSLDataModule
 from .devices import apply_device_defaults, device_trainer_kwargs, trains_on_gpu
 from .evaluation import evaluate_backbone, load_checkpoint
 from .methods import build_method
 from .optim import gradient_accumulation_check
+from .rundir import continue_command, launch_overrides
 
 log = logging.getLogger("ssl_vision")
 
@@ -40,24 +44,48 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 def resume_point(cfg: DictConfig, out: Path) -> tuple[Path | None, int]:
     """The checkpoint to continue from and its step: ``resume=auto``, the run directory's last.ckpt if
-    there is one; ``resume=PATH``; ``resume=null``: (None, 0)."""
+    there is one, or if it is unreadable (e.g. truncated) the newest readable older version
+    (``last-1.ckpt``, ...), with a warning naming both; ``resume=PATH``; ``resume=null``: (None, 0)."""
     choice = cfg.get("resume", "auto")
     if choice in (None, False, "none", "null"):
         return None, 0
-    path = out / "checkpoints" / "last.ckpt" if choice == "auto" else Path(str(choice)).expanduser()
-    if choice != "auto" and not path.is_file():
-        raise ConfigError(f"resume: checkpoint '{path}' does not exist")
-    if not path.is_file():
-        return None, 0
-    ckpt = load_checkpoint(path)
-    stored = ckpt["hyper_parameters"]["cfg"]
+    if choice == "auto":
+        candidates = versions(out / "checkpoints" / "last.ckpt")
+        if not candidates:
+            return None, 0
+    else:
+        candidates = [Path(str(choice)).expanduser()]
+        if not candidates[0].is_file():
+            raise ConfigError(f"resume: checkpoint '{candidates[0]}' does not exist")
+    unreadable = []
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+            stored, step = ckpt["hyper_parameters"]["cfg"], int(ckpt["global_step"])
+            break
+        except Exception as e:  # noqa: BLE001 - truncated, garbled, not a checkpoint: try the previous one
+            unreadable.append(f"{path} ({_first_line(e)})")
+    else:
+        if choice != "auto":
+            raise ConfigError(f"resume: checkpoint {unreadable[0]} is unreadable")
+        raise ConfigError(f"resume: no readable checkpoint: {'; '.join(unreadable)}; move them away, or "
+                          "resume=null to start over")
+    if unreadable and rank_zero_only.rank == 0:
+        log.warning("checkpoint %s is unreadable; resuming from the previous checkpoint %s (step %d)",
+                    "; ".join(unreadable), path, step)
     for key in ("method", "backbone"):
         if stored[key]["name"] != cfg[key].name:
             raise ConfigError(
                 f"resume: checkpoint '{path}' was trained with {key} '{stored[key]['name']}', but this config "
                 f"has {key} '{cfg[key].name}'; use {key}={stored[key]['name']} or a new run directory"
             )
-    return path, int(ckpt.get("global_step", 0))
+    return path, step
+
+
+def _first_line(e: BaseException) -> str:
+    """The first sentence of ``e``'s message, on one line (torch's unreadable-file errors go on for lines)."""
+    text = " ".join(str(e).split()).split(". ")[0] or type(e).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def build_trainer(cfg: DictConfig, out: Path, labelled: bool = True, resume_step: int | None = None
@@ -72,13 +100,23 @@ def build_trainer(cfg: DictConfig, out: Path, labelled: bool = True, resume_step
     if not labelled:
         kwargs["limit_val_batches"] = 0  # no labels: nothing to validate the online probe on
     throughput = Throughput()
-    callbacks = [LastCheckpoint(out / "checkpoints", every_n_steps=cfg.checkpoint.every_n_steps), throughput,
-                 SkippedFilesReport()]
+    ckpt_cfg = check_checkpoint_config(cfg.checkpoint)
+    io = AtomicCheckpointIO(keep_last=ckpt_cfg["keep_last"])
+    last = LastCheckpoint(out / "checkpoints", every_n_steps=ckpt_cfg["every_n_steps"],
+                          every_n_epochs=ckpt_cfg["every_n_epochs"], io=io)
+    callbacks = [last, throughput, SkippedFilesReport()]
+    guard = preemption.active()
+    if guard is not None:  # after LastCheckpoint: a stop at a step it saved already does not save twice
+        callbacks.insert(1, preemption.StopOnSignal(guard, last))
     try:
         trainer = L.Trainer(**kwargs, default_root_dir=str(out), logger=RunCSVLogger(str(out), resume_step),
-                            callbacks=callbacks, enable_checkpointing=False, plugins=[AtomicCheckpointIO()])
+                            callbacks=callbacks, enable_checkpointing=False, plugins=[io])
     except (ValueError, TypeError, ImportError, MisconfigurationException) as e:  # Lightning's own check of a trainer.* value
         raise ConfigError(f"trainer{_trainer_key(str(e), kwargs)}: {' '.join(str(e).split())}") from None
+    if guard is not None:
+        # Lightning 2.6 would install its own SIGTERM handler for fit (stop anywhere in the step, no save, exit
+        # code 0; a collective inside the handler); the guard's handlers stay instead (ssl_vision/preemption.py)
+        trainer._signal_connector.register_signal_handlers = lambda: None
     return trainer, throughput
 
 
@@ -162,17 +200,20 @@ def run(cfg: DictConfig) -> dict:
         if evaluate and cfg.eval.random_init_baseline and baseline_file.is_file():
             summary.update(json.loads(baseline_file.read_text()))
     elif HydraConfig.initialized() and HydraConfig.get().mode.name == "RUN" and trainer.is_global_zero:
-        command = " ".join(["ssl-vision-train", *summary.get("overrides", []), f"hydra.run.dir={out}"])
-        log.info("run directory %s; if this run is interrupted, the same command with hydra.run.dir "
-                 "continues it from its last checkpoint: %s", out, command)
+        log.info("run directory %s; if this run is interrupted, this command continues it from its last "
+                 "checkpoint: %s", out, continue_command(out))
 
     start = time.perf_counter()
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        # a signal after the last step stops here, before evaluation; later ones stop at once
+        preemption.after_fit(trainer, out / "checkpoints" / "last.ckpt")
     except FloatingPointError as e:
         last = out / "checkpoints" / "last.ckpt"
         kept = f"; the last good checkpoint is {last}" if last.is_file() else "; no checkpoint was written yet"
-        raise TrainingFailed(f"{e}{kept}") from None
+        raise RunFailed(f"{e}{kept}") from None
+    except CheckpointWriteError as e:
+        raise RunFailed(str(e)) from None
     if baseline is not None:
         summary.update(baseline.metrics)
     summary["train_seconds"] = round(time.perf_counter() - start - (baseline.seconds if baseline else 0.0), 2)
@@ -222,29 +263,9 @@ class RandomInitBaseline(L.Callback):
         self.seconds = time.perf_counter() - start
 
 
-class TrainingFailed(RuntimeError):
-    """Training stopped (e.g. a non-finite loss); the message says why and what was kept."""
 
-
-@hydra.main(config_path=str(conf_dir()), config_name="train", version_base=None)
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-def main() -> None:
-    try:
-        check_overrides(sys.argv[1:], "train")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    _hydra_main()
+main = entry_point("train", run, argv=launch_overrides,
+                   guard=lambda cfg: preemption.SignalGuard(continue_command(run_dir_of(cfg))))
 
 
 if __name__ == "__main__":
