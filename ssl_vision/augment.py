@@ -331,19 +331,23 @@ class MultiViewAugment(nn.Module):
         f = u[:, _U_FACTORS:_U_FACTORS + 4]
         p["jitter_factors"] = torch.stack([lo + (hi - lo) * f[:, i] for i, (lo, hi) in enumerate(ranges)], dim=1)
         order = u[:, _U_ORDER:_U_ORDER + 4].argsort(dim=1)  # a uniformly random permutation per image
-        step_ops = torch.where(jitter[:, None], order, torch.full_like(order, 4))  # 4: no jitter op
-        # host-side schedule: which ops any image needs at each step; hue runs only on its images
-        p["jitter_ops"] = step_ops
-        p["jitter_need"] = [[bool(active[k]) and bool((step_ops[:, t] == k).any()) for k in range(4)]
-                            for t in range(4)]
-        p["hue_index"] = [torch.nonzero(step_ops[:, t] == 3)[:, 0] for t in range(4)]
-        p["gray"] = u[:, _U_GRAY] < float(v["grayscale_prob"])
+        p["jitter_ops"] = torch.where(jitter[:, None], order, torch.full_like(order, 4))  # 4: no op at that step
         blur_on = v["size"] >= int(v["blur_min_size"]) and float(v["blur_prob"]) > 0
         blur = (u[:, _U_BLUR] < float(v["blur_prob"])) & blur_on
         s0, s1 = (float(s) for s in v["blur_sigma"])
-        p["blur_index"] = torch.nonzero(blur)[:, 0]
-        p["blur_sigma"] = (s0 + (s1 - s0) * u[:, _U_SIGMA])[p["blur_index"]]
-        p["solarize"] = u[:, _U_SOLARIZE] < float(v["solarize_prob"])
+        # which images each op touches, as index lists known here on the host: on the device every op runs
+        # on just its images (no host sync, no work for the others); one tensor, sliced by name
+        groups = {f"jitter{t}{k}": p["jitter_ops"][:, t] == k for t in range(4) for k in range(4) if active[k]}
+        groups.update(gray=u[:, _U_GRAY] < float(v["grayscale_prob"]), blur=blur,
+                      solarize=u[:, _U_SOLARIZE] < float(v["solarize_prob"]))
+        parts, p["slices"], start = [], {}, 0
+        for key, mask in groups.items():
+            idx = torch.nonzero(mask)[:, 0]
+            parts.append(idx)
+            p["slices"][key] = (start, start + len(idx))
+            start += len(idx)
+        p["index"] = torch.cat(parts)
+        p["blur_sigma"] = (s0 + (s1 - s0) * u[:, _U_SIGMA])[blur]
         return p
 
     @torch.no_grad()
@@ -354,28 +358,26 @@ class MultiViewAugment(nn.Module):
     def _apply_view(self, x, sizes, v: dict, p: dict) -> torch.Tensor:
         dev = x.device
         y = resized_crop(x, p["boxes"], sizes, v["size"], p["flip"], v["interpolation"])
-        factors, ops = p["jitter_factors"].to(dev), p["jitter_ops"].to(dev)
-        for t in range(4):
-            need = p["jitter_need"][t]
-            for k in range(3):  # brightness, contrast, saturation: cheap, computed for all, selected per image
-                if need[k]:
-                    y = torch.where((ops[:, t] == k).view(-1, 1, 1, 1), JITTER_OPS[k](y, factors[:, k]), y)
-            if need[3]:  # hue: only on the images whose step t is hue
-                idx = p["hue_index"][t].to(dev)
-                y = y.index_copy(0, idx, adjust_hue(y.index_select(0, idx), factors.index_select(0, idx)[:, 3]))
-        gray = p["gray"].to(dev)
-        if float(v["grayscale_prob"]) > 0:
-            y = torch.where(gray.view(-1, 1, 1, 1), grayscale(y).expand_as(y), y)
-        if len(p["blur_index"]):
-            idx, sigma = p["blur_index"].to(dev), p["blur_sigma"].to(dev)
+        index = p["index"].to(dev)
+
+        def subset(key: str, fn) -> None:  # y[idx] = fn(y[idx], idx), in place
+            a, b = p["slices"].get(key, (0, 0))
+            if b > a:
+                idx = index[a:b]
+                y.index_copy_(0, idx, fn(y.index_select(0, idx), idx))
+
+        factors = p["jitter_factors"].to(dev)
+        for t in range(4):  # each image's own random order of brightness, contrast, saturation, hue
+            for k, op in enumerate(JITTER_OPS):
+                subset(f"jitter{t}{k}", lambda z, idx, k=k, op=op: op(z, factors.index_select(0, idx)[:, k]))
+        subset("gray", lambda z, idx: grayscale(z).expand_as(z))
+        if "blur" in p["slices"]:
             k = blur_kernel_size(v)
-            blurred = kornia.filters.gaussian_blur2d(y.index_select(0, idx), (k, k), torch.stack([sigma, sigma], 1),
-                                                     border_type="reflect")
-            y = y.index_copy(0, idx, blurred)
-        if float(v["solarize_prob"]) > 0:
-            flag = p["solarize"].to(dev).view(-1, 1, 1, 1)
-            y = torch.where(flag & (y >= 0.5), 1 - y, y)
-        return (y - self.mean) / self.std
+            sigma = p["blur_sigma"].to(dev)
+            subset("blur", lambda z, idx: kornia.filters.gaussian_blur2d(z, (k, k), torch.stack([sigma, sigma], 1),
+                                                                          border_type="reflect"))
+        subset("solarize", lambda z, idx: torch.where(z >= 0.5, 1 - z, z))
+        return y.sub_(self.mean).div_(self.std)
 
     def forward(self, images: torch.Tensor, sizes: torch.Tensor | None = None, indexes: torch.Tensor | None = None,
                 epoch: int = 0) -> list[torch.Tensor]:
