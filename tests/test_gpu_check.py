@@ -1,0 +1,90 @@
+"""The CPU lane of tools/gpu_check.py (``--device cpu --tiny``): the GPU check cannot rot unnoticed.
+
+The lane runs every section of the GPU check at tiny sizes through the same code: every method through the real
+console entry point, a compiled backbone (aot_eager), bench.py's step / floor, the suite's data path against the
+torchvision-worker pipeline, the evaluation probes, and the DDP equivalence step (1 process; 2 gloo ranks). It
+must write its JSON record and Markdown table into the working directory with every section present and
+successful. A second run kills its worker inside one section: that section is recorded as failed with its
+error line, and the next section still runs in a new worker.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ssl_vision.methods import METHODS
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.py"
+SECTIONS = ["environment", "methods", "step_floor", "end_to_end", "probes", "gather"]  # what the issue asks for
+
+
+def run_tool(cwd, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(TOOL), *args], cwd=cwd, capture_output=True, text=True, timeout=900,
+                          env=env)
+
+
+def test_cpu_lane_writes_every_section_of_the_record(tmp_path):
+    r = run_tool(tmp_path, "--device", "cpu", "--tiny")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    record = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert record["planned"] == SECTIONS and list(record["sections"]) == SECTIONS  # none missing, none extra
+    for name in SECTIONS:
+        assert record["sections"][name]["status"] == "ok", (name, record["sections"][name])
+    assert record["status"] == "ok" and record["device"] == "cpu" and record["tiny"] is True
+    assert not Path(record["workdir"]).exists()  # the synthetic JPEGs and run folders are removed
+
+    # every registered method trained through the CLI, finite losses, both precisions covered; one compiled run
+    runs = record["sections"]["methods"]["runs"]
+    plain = [run for run in runs if "compile_backend" not in run]
+    assert sorted(run["method"] for run in plain) == sorted(METHODS)
+    assert {run["precision"] for run in plain} == {"32-true", "bf16-mixed"}
+    for run in runs:
+        assert run["status"] == "ok" and run["steps"] == len(run["losses"]) == 2, run
+        assert all(math.isfinite(v) for v in run["losses"]), run
+    compiled = [run for run in runs if "compile_backend" in run]
+    assert len(compiled) == 1 and compiled[0]["compile_backend"] == "aot_eager" and compiled[0]["compiled_graphs"] > 0
+
+    # step / floor: SimCLR and MAE, with MAE's probe cost and the amortized step below the every-step one
+    floor = {run["method"]: run for run in record["sections"]["step_floor"]["runs"]}
+    assert set(floor) == {"simclr", "mae"} and floor["simclr"]["step_over_floor"] > 0
+    mae = floor["mae"]
+    assert mae["probe_ms"] > 0 and mae["probe_every"] == 10
+    assert 0 < mae["amortized_step_over_network"] < mae["step_over_network"]
+
+    # end to end: both pipelines fed the same model for the timed steps
+    (e2e,) = record["sections"]["end_to_end"]["runs"]
+    for pipeline in ("suite", "torchvision_workers"):
+        assert e2e[pipeline]["images_per_second"] > 0
+        assert len(e2e[pipeline]["batch_end_seconds"]) == e2e["warmup_steps"] + e2e["timed_steps"]
+    assert e2e["speedup"] == e2e["suite"]["images_per_second"] / e2e["torchvision_workers"]["images_per_second"]
+
+    # probes: time and memory of the linear probe and the kNN, measured (the tiny lane never extrapolates)
+    probes = record["sections"]["probes"]
+    for key in ("linear", "knn"):
+        assert probes[key]["seconds"] > 0 and probes[key]["peak_memory_mb"] >= 0 and not probes[key]["extrapolated"]
+
+    # gather: 1 process and 2 gloo ranks, every method, within the tolerance
+    checks = record["sections"]["gather"]["checks"]
+    assert len(checks) == 2 and all(c["ok"] and set(c["methods"]) == set(METHODS) for c in checks)
+    assert "2 gloo ranks" in checks[1]["what"]
+
+    # the Markdown table: a row for every section; the GPU targets listed but not applied on the CPU
+    table = (tmp_path / "gpu_check.md").read_text()
+    for name in SECTIONS:
+        assert f"| {name} |" in table, name
+    assert len(record["targets"]) == 3 and all(t["applies"] is False for t in record["targets"])
+
+
+def test_a_section_that_dies_is_recorded_and_the_next_still_runs(tmp_path):
+    r = run_tool(tmp_path, "--device", "cpu", "--tiny", "--sections", "environment", "probes",
+                 "--crash-in", "environment", "--out", "partial.json")
+    assert r.returncode == 1, (r.stdout + r.stderr)[-4000:]
+    record = json.loads((tmp_path / "partial.json").read_text())
+    env, probes = record["sections"]["environment"], record["sections"]["probes"]
+    assert env["status"] == "failed" and env["error"].startswith("worker exited with code 9")
+    assert probes["status"] == "ok" and record["status"] == "failed"
+    assert "| environment | - | worker exited with code 9" in (tmp_path / "partial.md").read_text()
