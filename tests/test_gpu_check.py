@@ -88,3 +88,23 @@ def test_a_section_that_dies_is_recorded_and_the_next_still_runs(tmp_path):
     assert env["status"] == "failed" and env["error"].startswith("worker exited with code 9")
     assert probes["status"] == "ok" and record["status"] == "failed"
     assert "| environment | - | worker exited with code 9" in (tmp_path / "partial.md").read_text()
+
+
+def test_the_gather_check_fails_a_step_with_per_rank_negatives(tmp_path, monkeypatch):
+    """The 2-rank comparison's tolerance is tight enough to catch the classic DDP bug: SimCLR contrasting each
+    rank's own samples only (no gather), while the same 2-rank launch with the gather passes (previous test)."""
+    import torch
+
+    import ssl_vision.methods.simclr as simclr
+
+    sys.path.insert(0, str(TOOL.parent))
+    import gather_check as G
+
+    model = G.build("simclr", 16, 8, 32)
+    views, indexes = G.fixed_views(model, 8, 16)
+    single = G.one_step(model, views, indexes, torch.device("cpu"))
+    monkeypatch.setattr(simclr, "gather_with_grad", lambda x: x)  # the forked ranks inherit the bug
+    monkeypatch.setattr(simclr, "rank", lambda: 0)
+    per_rank = G.run_two_ranks("gloo", ["simclr"], 8, 16, 32, "eval", str(tmp_path), "fork")["simclr"]
+    found = G.difference(per_rank, single, G.RTOL_SAME_DEVICE, G.ATOL_SAME_DEVICE)
+    assert not found["ok"] and found["worst_tolerance_ratio"] > 100, found

@@ -216,9 +216,10 @@ def read_losses(metrics_csv: Path) -> list[float]:
     return [float(r[key]) for r in rows if key and r.get(key) not in (None, "")]
 
 
-def method_overrides(method: str, plan: dict, image_size: int, batch: int) -> list[str]:
+def method_overrides(method: str, data: str, plan: dict, image_size: int, batch: int) -> list[str]:
     """Tiny lane: heads capped (``gather_check.capped_overrides``), views fitted to the image size, MoCo's queue
-    sized to the batch. GPU: nothing (every method's own defaults)."""
+    sized to the batch, read from the config the run composes (``data``: its data option, which may tune the
+    method: ``conf/data_method``). GPU: nothing (every method's own defaults)."""
     if not plan.get("dim_cap"):
         return []
     from gather_check import capped_overrides, local_view_overrides
@@ -227,7 +228,7 @@ def method_overrides(method: str, plan: dict, image_size: int, batch: int) -> li
     from ssl_vision.config import conf_dir
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        cfg = compose(config_name="train", overrides=[f"method={method}", f"data.image_size={image_size}"])
+        cfg = compose(config_name="train", overrides=[f"method={method}", f"data={data}", f"data.image_size={image_size}"])
     out = capped_overrides(cfg.method, plan["dim_cap"], 1) + local_view_overrides(cfg.augment, image_size)
     if "queue_size" in cfg.method:
         out.append(f"method.queue_size={4 * batch}")
@@ -259,7 +260,7 @@ def cli_run(ctx, tag: str, method: str, backbone: str, precision: str, extra=())
                  "resume=null"]
     if backbone.startswith("vit"):
         overrides += p["extra"]
-    overrides += method_overrides(method, p, p["image_size"], p["batch"]) + list(extra) + [f"hydra.run.dir={run_dir}"]
+    overrides += method_overrides(method, "imagenet", p, p["image_size"], p["batch"]) + list(extra) + [f"hydra.run.dir={run_dir}"]
     record = {"method": method, "backbone": backbone, "precision": precision, "command": shlex.join(
         ["python", "-m", "ssl_vision.train", *overrides])}
     captured = io.StringIO()
@@ -446,7 +447,7 @@ def section_step_floor(ctx) -> dict:
                          "error": "the section's time budget was spent"})
             continue
         overrides = [f"trainer.precision={p['precision']}", f"data.num_workers={p['workers']}", *extra,
-                     *method_overrides(method, p, p["image_size"], batch)]
+                     *method_overrides(method, "synthetic", p, p["image_size"], batch)]  # bench.compose_cfg's data
         try:
             r = bench.bench_one(method, backbone, p["image_size"], batch, p["warmup"], p["repeats"],
                                 "cuda" if ctx.cuda else "cpu", "auto", overrides)
