@@ -18,7 +18,7 @@ from pathlib import Path
 from ssl_vision.methods import METHODS
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.py"
-SECTIONS = ["environment", "methods", "step_floor", "end_to_end", "probes", "gather"]  # what the issue asks for
+SECTIONS = ["environment", "gather", "step_floor", "end_to_end", "methods", "probes"]  # what the issue asks for
 
 
 def run_tool(cwd, *args):
@@ -39,13 +39,13 @@ def test_cpu_lane_writes_every_section_of_the_record(tmp_path):
 
     # every registered method trained through the CLI, finite losses, both precisions covered; one compiled run
     runs = record["sections"]["methods"]["runs"]
-    plain = [run for run in runs if "compile_backend" not in run]
+    plain = [run for run in runs if not run["compile"]]
     assert sorted(run["method"] for run in plain) == sorted(METHODS)
     assert {run["precision"] for run in plain} == {"32-true", "bf16-mixed"}
     for run in runs:
         assert run["status"] == "ok" and run["steps"] == len(run["losses"]) == 2, run
         assert all(math.isfinite(v) for v in run["losses"]), run
-    compiled = [run for run in runs if "compile_backend" in run]
+    compiled = [run for run in runs if run["compile"]]
     assert len(compiled) == 1 and compiled[0]["compile_backend"] == "aot_eager" and compiled[0]["compiled_graphs"] > 0
 
     # step / floor: SimCLR and MAE, with MAE's probe cost and the amortized step below the every-step one
@@ -87,7 +87,7 @@ def test_a_section_that_dies_is_recorded_and_the_next_still_runs(tmp_path):
     env, probes = record["sections"]["environment"], record["sections"]["probes"]
     assert env["status"] == "failed" and env["error"].startswith("worker exited with code 9")
     assert probes["status"] == "ok" and record["status"] == "failed"
-    assert "| environment | - | worker exited with code 9" in (tmp_path / "partial.md").read_text()
+    assert "| environment | machine |  |  | FAILED: worker exited with code 9" in (tmp_path / "partial.md").read_text()
 
 
 def test_the_gather_check_fails_a_step_with_per_rank_negatives(tmp_path, monkeypatch):
@@ -108,3 +108,30 @@ def test_the_gather_check_fails_a_step_with_per_rank_negatives(tmp_path, monkeyp
     per_rank = G.run_two_ranks("gloo", ["simclr"], 8, 16, 32, "eval", str(tmp_path), "fork")["simclr"]
     found = G.difference(per_rank, single, G.RTOL_SAME_DEVICE, G.ATOL_SAME_DEVICE)
     assert not found["ok"] and found["worst_tolerance_ratio"] > 100, found
+
+
+def test_the_table_says_pass_or_by_how_much_a_gpu_figure_misses():
+    """The verdicts of a GPU record (only a GPU has one): each target's figure, pass, or the miss and its size."""
+    sys.path.insert(0, str(TOOL.parent))
+    import gpu_check
+
+    record = {"planned": ["step_floor", "end_to_end"], "tiny": False, "sections": {
+        "step_floor": {"status": "ok", "device": "cuda", "runs": [
+            {"status": "ok", "method": "simclr", "backbone": "resnet50", "batch_size": 256, "precision": "bf16-mixed",
+             "step_ms": 121.0, "floor_ms": 100.0, "step_over_floor": 1.21},
+            {"status": "ok", "method": "mae", "backbone": "vit_base", "batch_size": 256, "precision": "bf16-mixed",
+             "step_ms": 150.0, "floor_ms": 200.0, "network_ms": 100.0, "step_over_network": 1.5, "probe_ms": 40.0,
+             "probe_every": 10, "amortized_step_ms": 114.0, "amortized_step_over_network": 1.14}]},
+        "end_to_end": {"status": "ok", "device": "cuda", "runs": [
+            {"status": "ok", "backbone": "resnet18", "batch_size": 256, "precision": "bf16-mixed", "workers": 16,
+             "suite": {"images_per_second": 3000.0}, "torchvision_workers": {"images_per_second": 1000.0},
+             "speedup": 3.0}]}}}
+    gpu_check.finish(record)
+    verdicts = {t["key"]: t["verdict"] for t in record["targets"]}
+    assert verdicts == {"end_to_end_resnet18": "pass", "simclr_step_over_floor": "MISS by 0.11 (10%)",
+                        "mae_step_over_network_amortized": "pass"}
+    table = gpu_check.markdown(record)
+    assert "step 121.0 / floor 100.0 ms = 1.210 | <= 1.1 | MISS by 0.11 (10%) |" in table
+    assert "= 3.00x | >= 2.0 | pass |" in table and "= 1.140 (derived) | <= 1.15 | pass |" in table
+    record["sections"]["end_to_end"]["runs"][0]["speedup"] = 1.5  # the suite only 1.5x the torchvision workers
+    assert "MISS by 0.5 (25%)" in gpu_check.markdown(gpu_check.finish(record))

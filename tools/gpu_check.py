@@ -2,7 +2,7 @@
 
     python tools/gpu_check.py                            # on a CUDA machine: about 4 minutes on one H100 / H200
     python tools/gpu_check.py --device cpu --tiny        # the CPU lane (CI, tests/test_gpu_check.py): tiny sizes
-    python tools/gpu_check.py --sections end_to_end probes --out part.json    # some sections only
+    python tools/gpu_check.py --sections end_to_end probes --out part.json    # some sections only (a rerun)
 
 On a bare GPU machine (Python 3.12 with torch, Lightning, timm, torchvision, torchmetrics, TensorBoard; no
 Kornia, Hydra or OmegaConf; no network) it runs from the source tree, without ``pip install .``, with the
@@ -18,30 +18,33 @@ then on the GPU machine, in the repository root (the device tool: ``carry: [".wh
 
 (PyYAML, packaging, numpy, Pillow, scikit-learn and matplotlib, which ssl_vision also imports, are there.)
 
-Sections, each in a worker process (a crash, a hang past its time limit or a poisoned CUDA context loses
-that section only: it is recorded with its error line and the others still run), the JSON and Markdown
-rewritten after every section (a timeout of the whole command leaves a partial record):
+Sections, in this order, each in a worker process (a crash, a hang past its hard limit or a poisoned CUDA context
+loses that section only: it is recorded with its error line and the others still run, in a new worker); the JSON
+and the Markdown are rewritten after every section, so a command stopped part-way leaves a partial record. Each
+section has a time budget, and the whole run ``--time-limit`` (300 s on a GPU): what would start after them is
+skipped (and recorded so), and the probes size themselves to the time left.
 
 - ``environment``: versions, devices, CPU cores, where kornia / hydra were imported from.
-- ``methods``: every method of ``ssl_vision.methods.METHODS`` (ResNet-50 for the methods that take a ResNet,
-  ViT-B/16 for the ViT-only ones) for a few steps at 224 px on synthetic JPEGs (``data=imagenet`` layout)
-  through the real console entry point (``ssl_vision.train.main``, in-process) in ``32-true`` and
-  ``bf16-mixed``: finite losses (``metrics.csv``), no error, channels-last ResNets on GPUs; then one method with
-  ``backbone.compile=true`` (the graphs dynamo captured are counted).
+- ``gather``: the DDP equivalence step of every method (``tools/gather_check.py``): one process on the device
+  against one process on the CPU; with 2+ GPUs, 2 NCCL ranks with SyncBatchNorm against one process on the GPU;
+  on the CPU lane, 2 gloo ranks against one process.
 - ``step_floor``: ``tools/bench.py``'s measure (``bench_one``) for SimCLR ResNet-50 and MAE ViT-B/16 at batch
   256 in bf16-mixed; for MAE also the online probe's cost (its no-grad full-image forward and head, timed
-  alone) and the step with the probe every N steps (``--probe-every``) derived from it.
+  alone) and the step with the probe every N steps (``--probe-every``) derived from it: ssl_vision has no setting
+  that runs the online probe less often, so no Trainer step can be timed that way.
 - ``end_to_end``: images/s of SimCLR (ResNet-18, ResNet-50; 224 px, batch 256, bf16-mixed) fed by this suite's
   data path (JPEG decode in workers -> uint8 canvas -> device augmentation) against the same model fed by the
   peers' pipeline (torchvision transforms in DataLoader workers, ``tools/peer_pipeline.py``), same images,
   every CPU core a worker for both, the same Trainer.
+- ``methods``: every method of ``ssl_vision.methods.METHODS`` (ResNet-50 for the methods that take a ResNet,
+  ViT-B/16 for the ViT-only ones) for a few steps at 224 px on synthetic JPEGs (``data=imagenet`` layout)
+  through the real console entry point (``ssl_vision.train.main``, in-process) in ``32-true`` and
+  ``bf16-mixed``: finite losses (``metrics.csv``), no error, channels-last ResNets on GPUs; then one method with
+  ``backbone.compile=true`` (the graphs dynamo captured are counted; the CPU lane compiles with ``aot_eager``).
 - ``probes``: the offline linear probe (one epoch, the ``eval=default`` protocol) and the kNN on
   ImageNet-sized synthetic features (1,281,167 x 2048, 1000 classes, 50,000 queries): seconds and peak memory,
   through ``ssl_vision.evaluation`` (on the device once its probes run there; on CPU tensors otherwise, timed on
-  as many rows as the time budget allows and extrapolated, which the record says).
-- ``gather``: the DDP equivalence step of every method (``tools/gather_check.py``): one process on the device
-  against one process on the CPU; with 2+ GPUs, 2 NCCL ranks with SyncBatchNorm against one process on the GPU;
-  on the CPU lane, 2 gloo ranks against one process.
+  as many rows as the time left allows and extrapolated, which the record says).
 
 The Markdown table compares against the GPU targets (images/s >= 2x the torchvision-worker pipeline for
 ResNet-18; SimCLR step / floor <= 1.10; MAE step / (encoder + decoder) <= 1.15 with the probe amortized) with a
@@ -62,11 +65,13 @@ from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
-SECTIONS = ("environment", "methods", "step_floor", "end_to_end", "probes", "gather")
-# seconds each section may take: a soft budget (a section scales or skips its remaining items to keep to it) and
-# a hard limit of 1.5 x budget + 30 s, after which its worker is killed; the GPU ones add up to about 7 minutes
-# at worst and about 4 in a normal run on one H100 / H200
-BUDGETS = {"environment": 30, "methods": 150, "step_floor": 60, "end_to_end": 90, "probes": 60, "gather": 60}
+# in this order: the quick correctness check first, then the figures of the targets, then the long per-method sweep,
+# then the probes (sized to the time left)
+SECTIONS = ("environment", "gather", "step_floor", "end_to_end", "methods", "probes")
+# seconds each section may take on a GPU: a soft budget (a section skips or shrinks its remaining items to keep
+# to it, and to the whole run's --time-limit) and a hard limit of 1.5 x budget + 30 s, after which its worker is
+# killed. A normal run on one H100 / H200 takes about 4 minutes.
+BUDGETS = {"environment": 30, "gather": 40, "step_floor": 50, "end_to_end": 75, "methods": 130, "probes": 45}
 TINY_BUDGET = 240  # every section of the CPU lane (a guard only: its sizes are fixed)
 TARGETS = {  # key: (what, comparison, GPU target)
     "end_to_end_resnet18": ("images/s, suite / torchvision workers, SimCLR ResNet-18", ">=", 2.0),
@@ -116,7 +121,7 @@ def run_sections(args, record: dict, out: Path, md: Path, workdir: Path, log_pat
         progress.write_text("")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--progress", str(progress),
                "--workdir", str(workdir), "--device", args.device, "--probe-every", str(args.probe_every),
-               "--budget-scale", str(args.budget_scale), "--sections", *remaining]
+               "--budget-scale", str(args.budget_scale), "--stop-at", str(args.stop_at), "--sections", *remaining]
         cmd += ["--tiny"] if args.tiny else []
         cmd += ["--compile-backend", args.compile_backend] if args.compile_backend else []
         cmd += ["--crash-in", args.crash_in] if args.crash_in and args.crash_in in remaining else []
@@ -221,86 +226,106 @@ def _f(v, spec=".3g") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def status_of(r: dict) -> str:
+    """The verdict cell of a section or a run that has a status."""
+    status = r.get("status")
+    if status == "ok":
+        return "ok"
+    return f"{status.upper() if status in ('skipped', 'partial') else 'FAILED'}: {r.get('error') or status}"
+
+
+def _environment_rows(r, tv):
+    yield "machine", r.get("summary", ""), "", status_of(r)
+
+
+def _gather_rows(r, tv):
+    for c in r.get("checks", []):
+        if c.get("skipped"):
+            yield c["what"], c["skipped"], "", "skipped"
+            continue
+        result = "identical" if not c["max_abs_difference"] else (
+            f"max abs diff {c['max_abs_difference']:.2g}, worst {c['worst_tolerance_ratio']:.2g} of the tolerance "
+            f"({c['worst_method']}: {c['worst_entry']})")
+        yield c["what"], result, f"rtol {c['rtol']}, atol {c['atol']}", "pass" if c["ok"] else "FAILED"
+
+
+def _step_floor_rows(r, tv):
+    for run in r.get("runs", []):
+        head = f"{run.get('method')} {run.get('backbone')}"
+        if run.get("status") != "ok":
+            yield head, "-", "", status_of(run)
+            continue
+        head += f" b{run['batch_size']} {run['precision']}"
+        if run["method"] == "mae":
+            yield (head + ", probe every step", f"step {run['step_ms']:.1f} / enc+dec {run['network_ms']:.1f} ms = "
+                   f"{run['step_over_network']:.3f}; floor {run['floor_ms']:.1f} ms", "(info)", "")
+            t = tv["mae_step_over_network_amortized"]
+            yield (head + f", probe every {run['probe_every']} steps",
+                   f"(step - {1 - 1 / run['probe_every']:.2f} x probe {run['probe_ms']:.1f} ms) / enc+dec = "
+                   f"{run['amortized_step_over_network']:.3f} (derived)", t["target"], t["verdict"])
+        else:
+            t = tv["simclr_step_over_floor"] if run["method"] == "simclr" else {"target": "", "verdict": ""}
+            yield (head, f"step {run['step_ms']:.1f} / floor {run['floor_ms']:.1f} ms = {run['step_over_floor']:.3f}",
+                   t["target"], t["verdict"])
+
+
+def _end_to_end_rows(r, tv):
+    for run in r.get("runs", []):
+        if run.get("status") != "ok":
+            yield f"SimCLR {run.get('backbone')}", "-", "", status_of(run)
+            continue
+        t = tv["end_to_end_resnet18"] if run["backbone"] == "resnet18" else {"target": "(info)", "verdict": ""}
+        yield (f"SimCLR {run['backbone']} b{run['batch_size']} {run['precision']}, {run['workers']} workers",
+               f"suite {run['suite']['images_per_second']:.0f} img/s vs torchvision workers "
+               f"{run['torchvision_workers']['images_per_second']:.0f} img/s = {run['speedup']:.2f}x",
+               t["target"], t["verdict"])
+
+
+def _methods_rows(r, tv):
+    for run in r.get("runs", []):
+        check = f"{run['method']} {run['backbone']} {run['precision']}"
+        check += ", backbone.compile" if run.get("compile") else ""
+        if run.get("status") == "skipped":
+            yield check, "-", "finite, no error", status_of(run)
+            continue
+        losses = run.get("losses") or []
+        result = (f"{len(losses)} steps, loss {_f(losses[0] if losses else None)} -> "
+                  f"{_f(losses[-1] if losses else None)}, {run.get('seconds', 0):.0f} s"
+                  + (", channels_last" if run.get("channels_last") else "")
+                  + (f", compiled ({run['compile_backend']}, {run.get('compiled_graphs')} graphs)"
+                     if run.get("compile_backend") else ""))
+        yield check, result, "finite, no error", "pass" if run.get("status") == "ok" else status_of(run)
+
+
+def _probes_rows(r, tv):
+    for key in ("linear", "knn"):
+        p = r.get(key)
+        if p:
+            how = f"measured on {p['rows_timed']:,} rows, extrapolated" if p.get("extrapolated") else "measured"
+            yield (p["what"], f"{p['seconds']:.1f} s ({how}), peak {p['peak_memory_mb']:.0f} MiB ({p['memory_kind']}), "
+                   f"top-1 {_f(p.get('top1'))}, on {p['device']}", "(info)", "ok")
+    if r.get("note"):
+        yield "note", r["note"], "", ""
+
+
+ROWS = {"environment": _environment_rows, "gather": _gather_rows, "step_floor": _step_floor_rows,
+        "end_to_end": _end_to_end_rows, "methods": _methods_rows, "probes": _probes_rows}
+
+
 def markdown(record: dict) -> str:
-    """The record as one table: section, check, result, target, verdict."""
-    rows = []
-    s = record["sections"]
+    """The record as one table: section, check, result, target, verdict (a section's own line when it did not
+    succeed)."""
     tv = {t["key"]: t for t in record.get("targets") or targets(record)}
-
-    def row(section, check, result, target="", verdict_=""):
-        rows.append([section, check, result, target, verdict_])
-
-    def status_of(r) -> str:
-        return "ok" if r.get("status") == "ok" else f"FAILED: {r.get('error') or r.get('status')}"
-
+    rows = []
     for name in record["planned"]:
-        r = s.get(name)
+        r = record["sections"].get(name)
         if r is None:
-            row(name, "-", "not run (the command stopped first)", "", "MISSING")
+            rows.append([name, "-", "not run (the command stopped first)", "", "MISSING"])
             continue
-        if r.get("status") != "ok" and not any(k in r for k in ("runs", "checks", "linear", "versions")):
-            row(name, "-", r.get("error", ""), "", status_of(r))
-            continue
-        if name == "environment":
-            row(name, "machine", r.get("summary", ""), "", status_of(r))
-        elif name == "methods":
-            for run in r.get("runs", []):
-                losses = run.get("losses") or []
-                what = (f"{len(losses)} steps, loss {_f(losses[0] if losses else None)} -> "
-                        f"{_f(losses[-1] if losses else None)}, {run.get('seconds', 0):.0f} s"
-                        + (", channels_last" if run.get("channels_last") else "")
-                        + (f", compiled ({run['compile_backend']}, {run.get('compiled_graphs')} graphs)"
-                           if run.get("compile_backend") else ""))
-                row(name, f"{run['method']} {run['backbone']} {run['precision']}", what, "finite, no error",
-                    "pass" if run.get("status") == "ok" else f"FAILED: {run.get('error')}")
-        elif name == "step_floor":
-            for run in r.get("runs", []):
-                if run.get("status") != "ok":
-                    row(name, f"{run.get('method')} {run.get('backbone')}", "", "", f"FAILED: {run.get('error')}")
-                    continue
-                head = f"{run['method']} {run['backbone']} b{run['batch_size']} {run['precision']}"
-                if run["method"] == "mae":
-                    row(name, head + ", probe every step",
-                        f"step {run['step_ms']:.1f} / enc+dec {run['network_ms']:.1f} ms = "
-                        f"{run['step_over_network']:.3f}; floor {run['floor_ms']:.1f} ms", "(info)", "")
-                    t = tv["mae_step_over_network_amortized"]
-                    row(name, head + f", probe every {run['probe_every']} steps",
-                        f"(step - {1 - 1 / run['probe_every']:.2f} x probe {run['probe_ms']:.1f} ms) / enc+dec = "
-                        f"{run['amortized_step_over_network']:.3f} (derived)", t["target"], t["verdict"])
-                else:
-                    t = tv["simclr_step_over_floor"] if run["method"] == "simclr" else None
-                    row(name, head, f"step {run['step_ms']:.1f} / floor {run['floor_ms']:.1f} ms = "
-                        f"{run['step_over_floor']:.3f}", t["target"] if t else "", t["verdict"] if t else "")
-        elif name == "end_to_end":
-            for run in r.get("runs", []):
-                if run.get("status") != "ok":
-                    row(name, f"SimCLR {run.get('backbone')}", "", "", f"FAILED: {run.get('error')}")
-                    continue
-                t = tv["end_to_end_resnet18"] if run["backbone"] == "resnet18" else None
-                row(name, f"SimCLR {run['backbone']} b{run['batch_size']} {run['precision']}, {run['workers']} workers",
-                    f"suite {run['suite']['images_per_second']:.0f} img/s vs torchvision workers "
-                    f"{run['torchvision_workers']['images_per_second']:.0f} img/s = {run['speedup']:.2f}x",
-                    t["target"] if t else "(info)", t["verdict"] if t else "")
-        elif name == "probes":
-            for key in ("linear", "knn"):
-                p = r.get(key)
-                if not p:
-                    continue
-                how = f"measured on {p['rows_timed']:,} rows, extrapolated" if p.get("extrapolated") else "measured"
-                row(name, p["what"], f"{p['seconds']:.1f} s ({how}), peak {p['peak_memory_mb']:.0f} MiB "
-                    f"({p['memory_kind']}), top-1 {_f(p.get('top1'))}, on {p['device']}", "(info)", status_of(r))
-        elif name == "gather":
-            for check in r.get("checks", []):
-                result = check.get("skipped") or ("identical" if not check["max_abs_difference"] else
-                                                  f"max abs diff {check['max_abs_difference']:.2g}, worst "
-                                                  f"{check['worst_tolerance_ratio']:.2g} of the tolerance "
-                                                  f"({check['worst_method']}: {check['worst_entry']})")
-                row(name, check["what"], result, f"rtol {check.get('rtol')}, atol {check.get('atol')}"
-                    if not check.get("skipped") else "", "skipped" if check.get("skipped") else
-                    ("pass" if check.get("ok") else "FAILED"))
-        if r.get("status") != "ok" and name != "methods":
-            row(name, "section", r.get("error", r.get("status")), "", status_of(r))
-    env = s.get("environment", {})
+        rows += [[name, *cells] for cells in ROWS[name](r, tv)]
+        if r.get("status") != "ok" and name != "environment":
+            rows.append([name, "section", "-", "", status_of(r)])
+    env = record["sections"].get("environment", {})
     lane = "" if record.get("device") == "cuda" and not record.get("tiny") else \
         " CPU lane (tiny sizes): the GPU targets do not apply."
     head = [f"# ssl-vision GPU check: {record.get('status', 'running')}", "",
@@ -322,11 +347,15 @@ def main(argv=None) -> int:
     p.add_argument("--probe-every", type=int, default=10, help="MAE: the online probe's period for the amortized "
                                                                "step (default %(default)s)")
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every section's time budget")
+    p.add_argument("--time-limit", type=float, help="seconds for the whole run: a section that starts late skips or "
+                                                    "shrinks what does not fit (default: 300 on a GPU, none with "
+                                                    "--tiny; 0: none)")
     p.add_argument("--compile-backend", help="torch.compile backend of the compile run (default: inductor on "
                                              "GPUs, aot_eager on the CPU)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--crash-in", choices=SECTIONS, help=argparse.SUPPRESS)  # tests: the worker dies in that section
     p.add_argument("--progress", help=argparse.SUPPRESS)
+    p.add_argument("--stop-at", type=float, default=0.0, help=argparse.SUPPRESS)  # time.time() of --time-limit
     args = p.parse_args(argv)
     if args.worker:
         sys.path.insert(0, str(TOOLS))
@@ -351,6 +380,9 @@ def main(argv=None) -> int:
               "budgets_seconds": {s: budget_of(s, args) for s in args.sections}, "workdir": str(workdir),
               "sections": {}}
     start = time.monotonic()
+    limit = args.time_limit if args.time_limit is not None else (0 if args.tiny else 300)
+    args.stop_at = time.time() + limit if limit else 0.0
+    record["time_limit_seconds"] = limit or None
     write_record(finish(record), out, md)
     try:
         run_sections(args, record, out, md, workdir, out.with_suffix(".log"))

@@ -5,20 +5,47 @@ folder) that returns its part of the record: ``status`` ("ok" / "failed"), ``err
 and its figures. The worker runs the sections it is given in order and reports each one's start and result as
 a JSON line in the progress file, which the parent reads (see ``gpu_check.run_sections``); after a failed
 section on a GPU it stops, so the rest run in a fresh process with a fresh CUDA context.
+
+ssl_vision, Lightning and Hydra are imported by the sections that use them, so that a package missing on a bare
+machine fails those sections with its name (and the hint to carry the wheels) rather than the worker.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import importlib
+import io
 import json
+import math
 import os
 import platform
 import shlex
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
+import torch
+
 from gpu_check import REPO, budget_of
+
+
+def with_status(out: dict, names: list[str], runs: list[dict]) -> dict:
+    """``out`` with the section's status from its ``runs``: "ok"; "failed" (some failed: named in ``error``); or
+    "partial" (none failed, some were skipped for lack of time)."""
+    failed = [n for n, r in zip(names, runs) if r["status"] == "failed"]
+    skipped = [n for n, r in zip(names, runs) if r["status"] == "skipped"]
+    out["status"] = "failed" if failed else "partial" if skipped else "ok"
+    parts = ([f"failed: {', '.join(failed)}"] if failed else []) + \
+        ([f"skipped (no time left): {', '.join(skipped)}"] if skipped else [])
+    if parts:
+        out["error"] = "; ".join(parts)
+    return out
 
 
 def one_line(e: BaseException) -> str:
@@ -30,7 +57,6 @@ class Context:
     """What a section needs: the device, the sizes of this lane, its time budget, the working folder."""
 
     def __init__(self, args, device, workdir: Path):
-        import torch
 
         self.args, self.device, self.workdir = args, device, workdir
         self.cuda = device.type == "cuda"
@@ -45,7 +71,9 @@ class Context:
         self.deadline = time.monotonic() + budget_of(section, self.args)
 
     def left(self) -> float:
-        return self.deadline - time.monotonic()
+        """Seconds left of the section's budget, or of the whole run's time limit if that ends first."""
+        left = self.deadline - time.monotonic()
+        return min(left, self.args.stop_at - time.time()) if self.args.stop_at else left
 
     def jpeg_tree(self) -> Path:
         if self._tree is None:
@@ -59,7 +87,7 @@ def gpu_plan(cores: int) -> dict:
     warmup, timed = max(2, workers), max(4, 2 * workers)  # whole waves of the workers' batches (see end_to_end)
     return {
         "jpegs": dict(unique=1024, sizes=[(500, 375), (375, 500), (500, 333), (500, 500)], classes=8,
-                      train=(warmup + timed + 2) * batch, val_per_class=4, canvas=512),
+                      train=(warmup + timed + 2) * batch, val_per_class=4),
         "methods": dict(image_size=224, canvas=512, batch=32, steps=3, workers=min(4, workers), resnet="resnet50",
                         vit="vit_base", extra=[], dim_cap=None, precisions=[["32-true", "bf16-mixed"]],
                         compile=("simclr", "resnet18", "bf16-mixed")),
@@ -78,7 +106,7 @@ def tiny_plan(cores: int) -> dict:
     vit = ["backbone.patch_size=4", "+backbone.kwargs.depth=2"]
     return {
         "jpegs": dict(unique=16, sizes=[(64, 48), (48, 64)], classes=4, train=(warmup + timed + 2) * batch,
-                      val_per_class=2, canvas=48),
+                      val_per_class=2),
         "methods": dict(image_size=32, canvas=48, batch=batch, steps=2, workers=0, resnet="resnet18_tiny",
                         vit="vit_tiny", extra=vit, dim_cap=64, precisions=[["32-true"], ["bf16-mixed"]],
                         compile=("simclr", "resnet18_tiny", "32-true")),
@@ -95,14 +123,25 @@ def tiny_plan(cores: int) -> dict:
 
 
 def _make_chunk(task) -> None:
-    from bench_loader import make_jpegs
+    """Photo-like JPEGs of one size: a smooth random colour field plus colour noise blurred at 0.9 px, quality 90:
+    about 115 KB at 500 x 375, as ImageNet's training JPEGs average (ILSVRC-2012: ~138 GB in 1.28 M files, typical
+    photos of ~500 x 375), so decoding costs what it costs there (``bench_loader.make_jpegs``' smoother images
+    are 45 KB at that size and decode in half the time)."""
+    import numpy as np
+    from PIL import Image, ImageFilter
 
-    folder, n, size, seed = task
-    make_jpegs(Path(folder), n, tuple(size), seed=seed)
+    folder, n, (w, h), seed = task
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        field = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        noise = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(0.9))
+        arr = np.asarray(field, dtype=np.int16) + (np.asarray(noise, dtype=np.int16) - 128) * 1.6
+        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(Path(folder) / f"img_{i:05d}.jpg", quality=90)
 
 
-def make_jpeg_tree(root: Path, unique: int, sizes, classes: int, train: int, val_per_class: int, canvas: int) -> Path:
-    """An ImageNet-style tree ``root/{train,val}/c<k>/*.jpg`` of photo-like JPEGs (``bench_loader.make_jpegs``):
+def make_jpeg_tree(root: Path, unique: int, sizes, classes: int, train: int, val_per_class: int) -> Path:
+    """An ImageNet-style tree ``root/{train,val}/c<k>/*.jpg`` of photo-like JPEGs (``_make_chunk``):
     ``unique`` distinct images in the given sizes, made in parallel, hard-linked (copied where links fail) into
     ``train`` training entries spread over ``classes`` folders and ``val_per_class`` validation entries each.
     Kept for later sections and workers (a ``.complete`` marker with the spec)."""
@@ -113,7 +152,6 @@ def make_jpeg_tree(root: Path, unique: int, sizes, classes: int, train: int, val
     marker = root / ".complete"
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return root
-    import shutil
 
     shutil.rmtree(root, ignore_errors=True)
     chunks = max(len(sizes), min(32, unique // 8 or 1))
@@ -149,9 +187,6 @@ def jpeg_summary(root: Path) -> dict:
 
 
 def section_environment(ctx) -> dict:
-    import importlib
-
-    import torch
 
     versions, origins = {"python": platform.python_version()}, {}
     for name in ("torch", "torchvision", "lightning", "timm", "torchmetrics", "kornia", "hydra", "omegaconf", "numpy",
@@ -228,39 +263,40 @@ def method_overrides(method: str, data: str, plan: dict, image_size: int, batch:
     from ssl_vision.config import conf_dir
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        cfg = compose(config_name="train", overrides=[f"method={method}", f"data={data}", f"data.image_size={image_size}"])
+        cfg = compose(config_name="train",
+                      overrides=[f"method={method}", f"data={data}", f"data.image_size={image_size}"])
     out = capped_overrides(cfg.method, plan["dim_cap"], 1) + local_view_overrides(cfg.augment, image_size)
     if "queue_size" in cfg.method:
         out.append(f"method.queue_size={4 * batch}")
     return out
 
 
+def jpeg_data(ctx, p: dict) -> list[str]:
+    """The data overrides of a run on the synthetic JPEG tree: ``data=imagenet`` (its canvas, workers, ...) at the
+    sizes of plan ``p``."""
+    return ["data=imagenet", f"data.path={ctx.jpeg_tree()}", f"data.image_size={p['image_size']}",
+            f"data.canvas_size={p['canvas']}", f"data.batch_size={p['batch']}", f"data.num_workers={p['workers']}"]
+
+
 def cli_run(ctx, tag: str, method: str, backbone: str, precision: str, extra=()) -> dict:
     """``ssl-vision-train`` with the check's overrides, in this process (``ssl_vision.train.main``, as the console
     script calls it); its record: exit, per-step losses, channels-last, seconds, peak GPU memory."""
-    import contextlib
-    import gc
-    import io
-
-    import torch
     from omegaconf import OmegaConf
 
     import ssl_vision.train as train
 
     p = ctx.plan["methods"]
     run_dir = ctx.workdir / "runs" / tag
-    import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = [f"method={method}", f"backbone={backbone}", "data=imagenet", f"data.path={ctx.jpeg_tree()}",
-                 f"data.image_size={p['image_size']}", f"data.canvas_size={p['canvas']}", f"data.batch_size={p['batch']}",
-                 f"data.num_workers={p['workers']}", f"trainer.max_steps={p['steps']}", f"trainer.precision={precision}",
-                 f"trainer.accelerator={'gpu' if ctx.cuda else 'cpu'}", "trainer.devices=1",
-                 "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "eval.enabled=false", "plots=false",
-                 "resume=null"]
+    overrides = [f"method={method}", f"backbone={backbone}", *jpeg_data(ctx, p), f"trainer.max_steps={p['steps']}",
+                 f"trainer.precision={precision}", f"trainer.accelerator={'gpu' if ctx.cuda else 'cpu'}",
+                 "trainer.devices=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+                 "eval.enabled=false", "plots=false", "resume=null"]
     if backbone.startswith("vit"):
         overrides += p["extra"]
-    overrides += method_overrides(method, "imagenet", p, p["image_size"], p["batch"]) + list(extra) + [f"hydra.run.dir={run_dir}"]
+    overrides += method_overrides(method, "imagenet", p, p["image_size"], p["batch"]) + list(extra)
+    overrides.append(f"hydra.run.dir={run_dir}")
     record = {"method": method, "backbone": backbone, "precision": precision, "command": shlex.join(
         ["python", "-m", "ssl_vision.train", *overrides])}
     captured = io.StringIO()
@@ -294,7 +330,6 @@ def cli_run(ctx, tag: str, method: str, backbone: str, precision: str, extra=())
         record["channels_last"] = bool(OmegaConf.load(config).backbone.get("channels_last", False))
     problems = [error] if error else []
     if not error:
-        import math
 
         if record.get("steps") != p["steps"]:
             problems.append(f"{record.get('steps')} steps done, {p['steps']} asked")
@@ -320,7 +355,6 @@ class compile_backend:
         self.backend = backend
 
     def __enter__(self):
-        import torch
 
         self.original = torch.nn.Module.compile
         if self.backend:
@@ -333,7 +367,6 @@ class compile_backend:
             torch.nn.Module.compile = compile_with_backend
 
     def __exit__(self, *exc):
-        import torch
 
         torch.nn.Module.compile = self.original
 
@@ -352,8 +385,8 @@ def section_methods(ctx) -> dict:
     runs = []
     for tag, name, backbone, precision, extra in plan:
         if ctx.left() < 0:
-            runs.append({"method": name, "backbone": backbone, "precision": precision, "status": "skipped",
-                         "error": "the section's time budget was spent"})
+            runs.append({"method": name, "backbone": backbone, "precision": precision, "compile": bool(extra),
+                         "status": "skipped", "error": "no time left (the section budget or --time-limit)"})
             continue
         if extra:
             import torch._dynamo
@@ -369,22 +402,17 @@ def section_methods(ctx) -> dict:
             torch._dynamo.reset()
         else:
             run = cli_run(ctx, tag, name, backbone, precision)
+        run["compile"] = bool(extra)
         print(f"  {tag} {backbone}: {run['status']} {run['seconds']:.1f} s {run.get('error', '')}", flush=True)
         runs.append(run)
-    failed = [f"{r['method']} {r['precision']}" for r in runs if r["status"] != "ok"]
-    out = {"status": "failed" if failed else "ok", "runs": runs, "methods": list(METHODS)}
-    if failed:
-        out["error"] = f"{len(failed)} of {len(runs)} runs failed or were skipped: {', '.join(failed)}"
-    return out
+    out = {"runs": runs, "methods": list(METHODS)}
+    return with_status(out, [f"{r['method']} {r['precision']}" for r in runs], runs)
 
 
 # --- section: step / floor (tools/bench.py) ---------------------------------------------------------------
 
 
 def autocast(precision: str, device):
-    import contextlib
-
-    import torch
 
     if precision.startswith("bf16"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -399,7 +427,6 @@ def mae_probe_ms(ctx, backbone: str, batch: int, image_size: int, overrides: lis
     the encoder's no-grad forward of the whole unmasked images (``MAE.forward_views``' ``feats``) and the probe
     head's forward + backward (``SSLMethod.online_probe``), at the step's precision."""
     import bench
-    import torch
 
     from ssl_vision.devices import apply_device_defaults
     from ssl_vision.methods import build_method
@@ -425,17 +452,14 @@ def mae_probe_ms(ctx, backbone: str, batch: int, image_size: int, overrides: lis
 
 
 def free_memory(ctx) -> None:
-    import gc
 
     gc.collect()
     if ctx.cuda:
-        import torch
 
         torch.cuda.empty_cache()
 
 
 def section_step_floor(ctx) -> dict:
-    import statistics
 
     import bench
 
@@ -444,7 +468,7 @@ def section_step_floor(ctx) -> dict:
     for method, backbone, batch, extra in p["runs"]:
         if ctx.left() < 0:
             runs.append({"method": method, "backbone": backbone, "status": "skipped",
-                         "error": "the section's time budget was spent"})
+                         "error": "no time left (the section budget or --time-limit)"})
             continue
         overrides = [f"trainer.precision={p['precision']}", f"data.num_workers={p['workers']}", *extra,
                      *method_overrides(method, "synthetic", p, p["image_size"], batch)]  # bench.compose_cfg's data
@@ -467,11 +491,7 @@ def section_step_floor(ctx) -> dict:
         runs.append(r)
         print(f"  {method} {backbone}: {r['status']} {r.get('error', '')}", flush=True)
         free_memory(ctx)
-    failed = [r["method"] for r in runs if r["status"] != "ok"]
-    out = {"status": "failed" if failed else "ok", "runs": runs}
-    if failed:
-        out["error"] = f"failed or skipped: {', '.join(failed)}"
-    return out
+    return with_status({"runs": runs}, [r["method"] for r in runs], runs)
 
 
 # --- section: end to end (the suite's data path vs torchvision workers) ---------------------------------------
@@ -482,7 +502,6 @@ def window_timer(start: int, stop: int, cuda: bool):
     device synchronized at both ends only, so the steps in between overlap as in training); it also keeps the
     time of every batch end for the record."""
     import lightning as L
-    import torch
 
     class WindowTimer(L.Callback):
         def __init__(self):
@@ -540,10 +559,8 @@ def shutdown_workers(trainer) -> None:
 
 def e2e_pair(ctx, backbone: str) -> dict:
     """Images/s of SimCLR on ``backbone`` fed by the suite's data path and by the peers' pipeline."""
-    import gc
 
     import lightning as L
-    import torch
     from hydra import compose, initialize_config_dir
 
     from ssl_vision.config import conf_dir
@@ -554,9 +571,7 @@ def e2e_pair(ctx, backbone: str) -> dict:
 
     p = ctx.plan["end_to_end"]
     tree = ctx.jpeg_tree()
-    overrides = ["method=simclr", f"backbone={backbone}", "data=imagenet", f"data.path={tree}",
-                 f"data.image_size={p['image_size']}", f"data.canvas_size={p['canvas']}", f"data.batch_size={p['batch']}",
-                 f"data.num_workers={p['workers']}", f"trainer.precision={p['precision']}"]
+    overrides = ["method=simclr", f"backbone={backbone}", *jpeg_data(ctx, p), f"trainer.precision={p['precision']}"]
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         cfg = compose(config_name="train", overrides=overrides)
     apply_device_defaults(cfg, ctx.cuda)
@@ -594,7 +609,8 @@ def section_end_to_end(ctx) -> dict:
     runs = []
     for backbone in p["backbones"]:
         if ctx.left() < 0:
-            runs.append({"backbone": backbone, "status": "skipped", "error": "the section's time budget was spent"})
+            runs.append({"backbone": backbone, "status": "skipped",
+                         "error": "no time left (the section budget or --time-limit)"})
             continue
         try:
             r = e2e_pair(ctx, backbone)
@@ -602,16 +618,13 @@ def section_end_to_end(ctx) -> dict:
             r = {"backbone": backbone, "status": "failed", "error": one_line(e)}
         runs.append(r)
         print(f"  {backbone}: {r['status']} {r.get('speedup', '')} {r.get('error', '')}", flush=True)
-    failed = [r["backbone"] for r in runs if r["status"] != "ok"]
-    out = {"status": "failed" if failed else "ok", "runs": runs, "jpegs": jpeg_summary(tree),
+    out = {"runs": runs, "jpegs": jpeg_summary(tree),
            "suite": "ssl_vision: JPEG decode into uint8 canvases in DataLoader workers, augmentation on the device",
            "torchvision_workers": "tools/peer_pipeline.py: solo-learn / lightly - PIL decode and torchvision "
                                   "transforms per image in DataLoader workers, float32 views to the device",
            "timing": "a Trainer step loop; images/s over the timed steps (whole waves of the workers' batches) after "
                      "the warm-up steps; the same SimCLR module, Trainer, batch, precision and workers for both"}
-    if failed:
-        out["error"] = f"failed or skipped: {', '.join(failed)}"
-    return out
+    return with_status(out, [r["backbone"] for r in runs], runs)
 
 
 # --- section: probes (ssl_vision.evaluation on ImageNet-sized features) ---------------------------------------
@@ -638,7 +651,6 @@ def knn_top1(train_x, train_y, queries, query_y, num_classes: int, ecfg) -> floa
 def probe_placement(ctx, ecfg):
     """The device the probes take their features on: ``ctx.device`` when ``ssl_vision.evaluation`` runs them
     there, else the CPU (today: the probes make their head and votes on the CPU); (device, why not the GPU)."""
-    import torch
 
     if not ctx.cuda:
         return ctx.device, None
@@ -653,13 +665,12 @@ def probe_placement(ctx, ecfg):
 
 
 def synthetic_features(n: int, dim: int, classes: int, device, seed: int, maker=None):
-    """Class-structured features on ``device`` (a random centre per class plus unit noise) and their labels,
-    drawn in chunks on ``maker`` (the GPU when there is one: drawing 2.6 G normals takes a CPU thread ~10 s)."""
-    import torch
-
+    """Class-structured features on ``device`` and their labels: a fixed random centre per class (the same for
+    every ``seed``, so training features and queries share their classes) plus unit noise drawn from ``seed``,
+    in chunks on ``maker`` (the GPU when there is one: 2.6 G normals take a CPU thread ~10 s)."""
     maker = maker or device
+    centres = torch.randn(classes, dim, generator=torch.Generator().manual_seed(0)).to(maker)
     g = torch.Generator(device=maker).manual_seed(seed)
-    centres = torch.randn(classes, dim, generator=g, device=maker)
     y = torch.randint(0, classes, (n,), generator=g, device=maker)
     x = torch.empty(n, dim, device=device)
     for i in range(0, n, 65536):
@@ -672,7 +683,6 @@ def measured(device, make, run):
     """(result, seconds of ``run(data)``, peak MiB, memory kind) where ``data = make()``: the peak covers making
     the data too (``bench.memory_start`` / ``memory_peak_mb``: CUDA allocations, or the growth of the peak RSS)."""
     import bench
-    import torch
 
     baseline, kind = bench.memory_start(device)
     data = make()
@@ -687,9 +697,6 @@ def measured(device, make, run):
 
 
 def section_probes(ctx) -> dict:
-    import gc
-
-    import torch
     from hydra import compose, initialize_config_dir
 
     from ssl_vision.config import conf_dir
@@ -699,7 +706,7 @@ def section_probes(ctx) -> dict:
         ecfg = compose(config_name="train", overrides=["eval=default"]).eval
     device, why = probe_placement(ctx, ecfg)
     n, dim, classes, queries = p["rows"], p["dim"], p["classes"], p["queries"]
-    out = {"status": "ok", "device": device.type, "features": [n, dim], "classes": classes, "queries": queries,
+    out = {"status": "ok", "probe_device": device.type, "features": [n, dim], "classes": classes, "queries": queries,
            "features_mib": n * dim * 4 / 2**20, "protocol": "eval=default: linear 1 epoch; kNN the first eval.knn.k",
            "memory": "peak of making the training features and running the probe on them (the queries excluded)"}
     if why:
@@ -729,7 +736,8 @@ def section_probes(ctx) -> dict:
         return bank["xy"]
 
     q = min(queries, p["pilot_queries"])
-    top1, seconds, peak, kind = measured(device, make_bank, lambda xy: knn_top1(*xy, val_x[:q], val_y[:q], classes, ecfg))
+    top1, seconds, peak, kind = measured(device, make_bank,
+                                         lambda xy: knn_top1(*xy, val_x[:q], val_y[:q], classes, ecfg))
     full = seconds * queries / q
     if q < queries and full < 0.6 * ctx.left():
         q = queries
@@ -749,9 +757,6 @@ def section_probes(ctx) -> dict:
 
 
 def section_gather(ctx) -> dict:
-    import tempfile
-
-    import torch
 
     import gather_check as G
     from ssl_vision.methods import METHODS
@@ -806,7 +811,6 @@ def section_gather(ctx) -> dict:
 
 
 def worker(args) -> int:
-    import traceback
 
     progress = open(args.progress, "a")
 
@@ -815,7 +819,6 @@ def worker(args) -> int:
         progress.flush()
 
     try:
-        import torch
 
         cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         if args.device == "cuda" and not torch.cuda.is_available():
@@ -850,8 +853,8 @@ def worker(args) -> int:
             traceback.print_exc()
             result = {"status": "failed", "error": one_line(e)}
             if isinstance(e, ModuleNotFoundError):
-                result["error"] += " (a bare GPU machine needs the wheels of tools/fetch_gpu_wheels.sh installed: see " \
-                                   "the top of tools/gpu_check.py)"
+                result["error"] += (" (a bare GPU machine needs the wheels of tools/fetch_gpu_wheels.sh installed: "
+                                    "see the top of tools/gpu_check.py)")
         result["seconds"] = round(time.perf_counter() - start, 2)
         result["budget_seconds"] = budget_of(name, args)
         result["device"] = ctx.device.type
