@@ -19,6 +19,7 @@ the CPU (the CPU lane).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 
@@ -176,16 +177,16 @@ def rank_worker(rank: int, world: int, backend: str, init_file: str, out_file: s
     cuda = backend == "nccl"
     if cuda:
         torch.cuda.set_device(rank)
-        exact_float32()
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
     try:
         device = torch.device("cuda", rank) if cuda else torch.device("cpu")
         results = {}
-        for name in names:
-            model = build(name, image_size, batch, dim_cap)
-            views, indexes = fixed_views(model, batch, image_size)
-            results[name] = one_step(model, views, indexes, device, bn, rank, world)
+        with exact_float32():
+            for name in names:
+                model = build(name, image_size, batch, dim_cap)
+                views, indexes = fixed_views(model, batch, image_size)
+                results[name] = one_step(model, views, indexes, device, bn, rank, world)
         if rank == 0:
             torch.save(results, out_file)
         dist.barrier()
@@ -207,8 +208,17 @@ def run_two_ranks(backend: str, names: list[str], batch: int, image_size: int, d
     return torch.load(out_file, weights_only=False)
 
 
-def exact_float32() -> None:
-    """Full float32 matmuls and convolutions on GPUs (no TF32): the comparisons' tolerances assume them."""
+@contextlib.contextmanager
+def exact_float32():
+    """Full float32 matmuls and convolutions on GPUs (no TF32) inside the block: the comparisons' tolerances
+    assume them. The settings before it are restored after it (later measurements use the run's own)."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])

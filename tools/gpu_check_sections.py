@@ -757,15 +757,12 @@ def section_probes(ctx) -> dict:
 
 
 def section_gather(ctx) -> dict:
-
     import gather_check as G
     from ssl_vision.methods import METHODS
 
     p = ctx.plan["gather"]
     batch, size, cap = p["batch"], p["image_size"], p["dim_cap"]
     names = list(METHODS)
-    if ctx.cuda:
-        G.exact_float32()
     checks = []
 
     def summarize(what, results, rtol, atol, reference, **extra):
@@ -776,29 +773,30 @@ def section_gather(ctx) -> dict:
                        "worst_tolerance_ratio": per[worst]["worst_tolerance_ratio"], "worst_method": worst,
                        "worst_entry": per[worst]["worst_entry"], "methods": per, **extra})
 
-    cpu, on_device, train_bn = {}, {}, {}
-    for name in names:
-        model = G.build(name, size, batch, cap)
-        views, indexes = G.fixed_views(model, batch, size)
-        cpu[name] = G.one_step(model, views, indexes, torch.device("cpu"), "eval")
-        on_device[name] = G.one_step(G.build(name, size, batch, cap), views, indexes, ctx.device, "eval")
-        if ctx.cuda and ctx.gpus >= 2:
-            train_bn[name] = G.one_step(G.build(name, size, batch, cap), views, indexes, ctx.device, "train")
-    summarize(f"1 process: {ctx.device.type} step = cpu step, {len(names)} methods", on_device,
-              G.RTOL_CROSS_DEVICE if ctx.cuda else G.RTOL_SAME_DEVICE,
-              G.ATOL_CROSS_DEVICE if ctx.cuda else G.ATOL_SAME_DEVICE, cpu)
-    with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
-        if ctx.cuda and ctx.gpus >= 2:
-            ranks = G.run_two_ranks("nccl", names, batch, size, cap, "sync", tmp, "spawn")
-            summarize(f"2 NCCL ranks (SyncBatchNorm) = 1 process on the GPU, {len(names)} methods", ranks,
-                      G.RTOL_SAME_DEVICE, G.ATOL_SAME_DEVICE, train_bn)
-        elif ctx.cuda:
-            checks.append({"what": "2 NCCL ranks = 1 process", "skipped": f"needs 2 GPUs, found {ctx.gpus}"})
-        else:
-            # fork: the CPU lane's worker has no CUDA state, and a fork does not re-import torch (seconds on CI)
-            ranks = G.run_two_ranks("gloo", names, batch, size, cap, "eval", tmp, "fork")
-            summarize(f"2 gloo ranks = 1 process on the CPU, {len(names)} methods", ranks, G.RTOL_SAME_DEVICE,
-                      G.ATOL_SAME_DEVICE, cpu)
+    with G.exact_float32():  # the tolerances assume full float32 on the GPU too
+        cpu, on_device, train_bn = {}, {}, {}
+        for name in names:
+            model = G.build(name, size, batch, cap)
+            views, indexes = G.fixed_views(model, batch, size)
+            cpu[name] = G.one_step(model, views, indexes, torch.device("cpu"), "eval")
+            on_device[name] = G.one_step(G.build(name, size, batch, cap), views, indexes, ctx.device, "eval")
+            if ctx.cuda and ctx.gpus >= 2:
+                train_bn[name] = G.one_step(G.build(name, size, batch, cap), views, indexes, ctx.device, "train")
+        summarize(f"1 process: {ctx.device.type} step = cpu step, {len(names)} methods", on_device,
+                  G.RTOL_CROSS_DEVICE if ctx.cuda else G.RTOL_SAME_DEVICE,
+                  G.ATOL_CROSS_DEVICE if ctx.cuda else G.ATOL_SAME_DEVICE, cpu)
+        with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
+            if ctx.cuda and ctx.gpus >= 2:
+                ranks = G.run_two_ranks("nccl", names, batch, size, cap, "sync", tmp, "spawn")
+                summarize(f"2 NCCL ranks (SyncBatchNorm) = 1 process on the GPU, {len(names)} methods", ranks,
+                          G.RTOL_SAME_DEVICE, G.ATOL_SAME_DEVICE, train_bn)
+            elif ctx.cuda:
+                checks.append({"what": "2 NCCL ranks = 1 process", "skipped": f"needs 2 GPUs, found {ctx.gpus}"})
+            else:
+                # fork: the CPU lane's worker has no CUDA state, and a fork does not re-import torch (seconds on CI)
+                ranks = G.run_two_ranks("gloo", names, batch, size, cap, "eval", tmp, "fork")
+                summarize(f"2 gloo ranks = 1 process on the CPU, {len(names)} methods", ranks, G.RTOL_SAME_DEVICE,
+                          G.ATOL_SAME_DEVICE, cpu)
     failed = [c["what"] for c in checks if not c.get("skipped") and not c["ok"]]
     out = {"status": "failed" if failed else "ok", "checks": checks, "batch": batch, "image_size": size,
            "head_dim_cap": cap, "methods": names}
