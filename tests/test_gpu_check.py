@@ -23,7 +23,7 @@ SECTIONS = ["environment", "gather", "step_floor", "end_to_end", "methods", "pro
 
 def run_tool(cwd, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(TOOL), *args], cwd=cwd, capture_output=True, text=True, timeout=900,
+    return subprocess.run([sys.executable, str(TOOL), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
                           env=env)
 
 

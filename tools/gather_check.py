@@ -2,9 +2,9 @@
 
 The step of ``tests/test_ddp.py``'s equivalence test (``forward_views``, backward, gradients and loss
 averaged over the ranks as DDP does, ``on_before_optimizer_step`` (DINO's clipping), SGD at lr 0.5, the EMA
-update at 0.9), for every method of ``ssl_vision.methods.METHODS`` with its default configuration on a small
-backbone (``resnet18_tiny``, or ``vit_tiny`` for ViT-only methods), so a new method is checked without
-being listed here. The views come from the method's own augmentation on a fixed uint8 batch, made once on
+update at 0.9), for every method of ``ssl_vision.methods.METHODS`` with its default configuration, its heads
+capped (``capped_overrides``), on a small backbone (``resnet18_tiny``, or ``vit_tiny`` for ViT-only methods), so
+a new method is checked without being listed here. The views come from the method's own augmentation on a fixed uint8 batch, made once on
 the CPU (every process makes the same ones) and moved to the device; per-sample random draws inside the
 step (MAE's mask) are keyed by sample index (``SSLMethod.keyed_rand``), so a rank draws for its samples
 exactly what one process draws for them.
@@ -33,8 +33,8 @@ RTOL_CROSS_DEVICE, ATOL_CROSS_DEVICE = 1e-3, 1e-4  # GPU vs CPU kernels (TF32 of
 
 def capped_overrides(method_cfg, dim_cap: int | None, depth_cap: int | None) -> list[str]:
     """Overrides that shrink a method's heads for a quick step: integer ``*_dim`` settings above ``dim_cap``
-    and ``*_depth`` settings above ``depth_cap`` (MAE's decoder) to the cap; ``queue_size`` to 4 batches of
-    ``dim_cap`` rows is left to the caller (it depends on the batch)."""
+    and ``*_depth`` settings above ``depth_cap`` (MAE's decoder) to the cap. (MoCo's ``queue_size`` depends on
+    the batch: the callers set it.)"""
     out = []
     for key, value in method_cfg.items():
         if isinstance(value, bool) or not isinstance(value, int):
@@ -58,6 +58,7 @@ def local_view_overrides(augment_cfg, image_size: int) -> list[str]:
 
 
 def backbone_for(method_class, vit: str, resnet: str) -> str:
+    """``resnet`` for a method that takes a ResNet (``SSLMethod.backbone_kinds``), else ``vit``."""
     return resnet if "resnet" in method_class.backbone_kinds else vit
 
 

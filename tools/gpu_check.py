@@ -134,7 +134,7 @@ def run_sections(args, record: dict, out: Path, md: Path, workdir: Path, log_pat
             log.flush()
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         current, started, seen = None, None, 0
-        failure = None
+        failure, fatal = None, False
         while True:
             code = proc.poll()
             lines = progress.read_text().splitlines()
@@ -155,7 +155,7 @@ def run_sections(args, record: dict, out: Path, md: Path, workdir: Path, log_pat
                     print(f"[gpu_check] {name}: {result['status']} in {result.get('seconds', 0):.0f} s"
                           + (f" - {result['error']}" if result.get("error") else ""), flush=True)
                 elif event["event"] == "fatal":
-                    failure = event["error"]
+                    failure, fatal = event["error"], True
             if code is not None:
                 if current is not None or (remaining and failure):
                     failure = failure or f"worker exited with code {code}: {last_line(log_path)}"
@@ -176,7 +176,7 @@ def run_sections(args, record: dict, out: Path, md: Path, workdir: Path, log_pat
         record["sections"][name] = {"status": "failed", "error": failure}
         print(f"[gpu_check] {name}: failed - {failure}", flush=True)
         remaining.remove(name)
-        if current is None:  # the worker failed before any section (e.g. an import): the same for all
+        if fatal:  # the worker could not set up (no CUDA device, ...): the same for every section
             for other in list(remaining):
                 record["sections"][other] = {"status": "failed", "error": failure}
                 remaining.remove(other)

@@ -372,12 +372,13 @@ class compile_backend:
 
 
 def section_methods(ctx) -> dict:
+    from gather_check import backbone_for
     from ssl_vision.methods import METHODS
 
     p = ctx.plan["methods"]
     plan = []
     for i, (name, cls) in enumerate(METHODS.items()):
-        backbone = p["resnet"] if "resnet" in cls.backbone_kinds else p["vit"]
+        backbone = backbone_for(cls, p["vit"], p["resnet"])
         for precision in p["precisions"][i % len(p["precisions"])]:  # tiny lane: precisions alternate
             plan.append((f"{name}_{precision}", name, backbone, precision, ()))
     method, backbone, precision = p["compile"]
@@ -431,7 +432,7 @@ def mae_probe_ms(ctx, backbone: str, batch: int, image_size: int, overrides: lis
     from ssl_vision.devices import apply_device_defaults
     from ssl_vision.methods import build_method
 
-    cfg = bench.compose_cfg("mae", backbone, image_size, batch, 1, "auto", overrides)
+    cfg = bench.compose_cfg("mae", backbone, image_size, batch, steps=1, patch_size="auto", extra=overrides)
     apply_device_defaults(cfg, ctx.cuda)
     model = build_method(cfg, int(cfg.data.num_classes)).to(ctx.device)
     g = torch.Generator().manual_seed(0)
@@ -473,8 +474,8 @@ def section_step_floor(ctx) -> dict:
         overrides = [f"trainer.precision={p['precision']}", f"data.num_workers={p['workers']}", *extra,
                      *method_overrides(method, "synthetic", p, p["image_size"], batch)]  # bench.compose_cfg's data
         try:
-            r = bench.bench_one(method, backbone, p["image_size"], batch, p["warmup"], p["repeats"],
-                                "cuda" if ctx.cuda else "cpu", "auto", overrides)
+            r = bench.bench_one(method, backbone, p["image_size"], batch, warmup=p["warmup"], repeats=p["repeats"],
+                                device="cuda" if ctx.cuda else "cpu", patch_size="auto", overrides=overrides)
             r.update(status="ok", precision=p["precision"])
             if method == "mae":
                 times = mae_probe_ms(ctx, backbone, batch, p["image_size"], overrides, p["warmup"], p["repeats"],
