@@ -27,9 +27,15 @@ def run_tool(cwd, *args):
                           env=env)
 
 
+def output(r, tmp_path, name="gpu_check"):
+    """What the tool printed, then the end of its workers' log (tracebacks)."""
+    log = tmp_path / f"{name}.log"
+    return (r.stdout + r.stderr)[-3000:] + "\n--- workers:\n" + (log.read_text()[-5000:] if log.is_file() else "")
+
+
 def test_cpu_lane_writes_every_section_of_the_record(tmp_path):
     r = run_tool(tmp_path, "--device", "cpu", "--tiny")
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert r.returncode == 0, output(r, tmp_path)
     record = json.loads((tmp_path / "gpu_check.json").read_text())
     assert record["planned"] == SECTIONS and list(record["sections"]) == SECTIONS  # none missing, none extra
     for name in SECTIONS:
@@ -82,7 +88,7 @@ def test_cpu_lane_writes_every_section_of_the_record(tmp_path):
 def test_a_section_that_dies_is_recorded_and_the_next_still_runs(tmp_path):
     r = run_tool(tmp_path, "--device", "cpu", "--tiny", "--sections", "environment", "probes",
                  "--crash-in", "environment", "--out", "partial.json")
-    assert r.returncode == 1, (r.stdout + r.stderr)[-4000:]
+    assert r.returncode == 1, output(r, tmp_path, "partial")
     record = json.loads((tmp_path / "partial.json").read_text())
     env, probes = record["sections"]["environment"], record["sections"]["probes"]
     assert env["status"] == "failed" and env["error"].startswith("worker exited with code 9")
