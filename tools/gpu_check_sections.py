@@ -196,6 +196,8 @@ def section_environment(ctx) -> dict:
         origins[name] = str(Path(module.__file__).parent)
     import ssl_vision.methods as methods  # the suite itself imports (kornia, hydra, omegaconf, timm, lightning)
 
+    origins["ssl_vision"] = str(Path(importlib.import_module("ssl_vision").__file__).parent)
+
     gpus = [torch.cuda.get_device_name(i) for i in range(ctx.gpus)]
     out = {"status": "ok", "versions": versions, "origins": origins, "cuda": torch.version.cuda,
            "cudnn": torch.backends.cudnn.version() if ctx.cuda else None, "gpus": gpus, "cpu_cores": ctx.cores,
