@@ -214,6 +214,13 @@ def _check_choice(key: str, value, choices) -> None:
         raise ConfigError(f"eval.linear.{key}: unknown value '{value}'; choose one of: {', '.join(choices)}")
 
 
+def _accuracy_metric(num_classes: int, k: int, device) -> MulticlassAccuracy:
+    """Top-k accuracy accumulated over chunks on ``device``. ``sync_on_compute=False``: the probes run on rank 0
+    alone, and a torchmetrics compute would otherwise wait for the other ranks under DDP."""
+    return MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro", sync_on_compute=False,
+                              validate_args=False).to(device)
+
+
 def _copies(train_x) -> list[torch.Tensor]:
     """The training copies as a list of (N, D) matrices: (N, D) -> one; (C, N, D) or a list -> C."""
     if isinstance(train_x, (list, tuple)):
@@ -326,7 +333,7 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes: int, epochs: int =
                 opt.step()
                 step += 1
     head.eval()
-    metrics = [MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro").to(device) for k in (1, 5)]
+    metrics = [_accuracy_metric(num_classes, k, device) for k in (1, 5)]
     vy = val_y.to(device)
     rows = _rows_per_chunk(chunk_mb, 4 * (dim + num_classes))
     with torch.no_grad():
@@ -418,7 +425,7 @@ def knn_accuracy(train_x, train_y, val_x, val_y, num_classes: int, ks, temperatu
     out = {}
     for k in ks:
         k_used = min(int(k), top_s.shape[1])
-        metric = MulticlassAccuracy(num_classes, top_k=1, average="micro").to(top_s.device)
+        metric = _accuracy_metric(num_classes, 1, top_s.device)
         for start in range(0, len(top_s), rows):
             votes = knn_votes(top_s[start:start + rows], top_l[start:start + rows], num_classes, k_used, temperature)
             metric.update(votes, vy[start:start + rows])
