@@ -146,7 +146,7 @@ def _gather_rows(x: torch.Tensor, y: torch.Tensor, i: torch.Tensor, dst: int, de
         offsets = [0]
         for s in sizes:
             offsets.append(offsets[-1] + s)
-    step = _rows_per_chunk(chunk_mb, 4 * max(dim, 1))
+    step = _rows_per_chunk(chunk_mb / len(sizes), 4 * max(dim, 1))  # dst receives one chunk_mb per round
     for start in range(0, max(sizes), step):
         got = gather_to(x[start:start + step].to(device), dst)
         if out is not None:
@@ -320,9 +320,9 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes: int, epochs: int =
         order = torch.randperm(n, generator=g)[: steps_per_epoch * batch_size]
         for start in range(0, len(order), chunk):
             idx = order[start:start + chunk]
-            xs = _rows(tx, idx, device)
+            xs = _rows(tx, idx, device)  # a new tensor: standardized in place
             if shift is not None:
-                xs = (xs - shift) / scale
+                xs.sub_(shift).div_(scale)
             ys = ty[idx.to(device)]
             for b in range(0, len(idx), batch_size):
                 for group in opt.param_groups:
