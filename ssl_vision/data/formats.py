@@ -335,7 +335,7 @@ def imagenet_subset(name: str) -> list[str]:
 
 def label_subset_indexes(dataset, class_names: list[str], names: list[str]) -> tuple[np.ndarray, list[str], int]:
     """The samples of ``dataset`` (``ImageFiles`` of ``train/<wnid>/...``) named in ``names``, as the references
-    read the lists (a name ``<wnid>_<n>.JPEG`` is the file ``train/<wnid>/<wnid>_<n>.JPEG``: SwAV
+    read the lists (a name ``<wnid>_<n>.JPEG`` is the file ``train/<wnid>/<wnid>_<n>.JPEG``: facebookresearch/swav
     eval_semisup.py, the SimCLR lists): (sorted indexes, listed names of the data's classes that the tree
     lacks, number of listed names of the data's classes). Names of other classes are not this data's."""
     classes = set(class_names)
