@@ -23,7 +23,7 @@ from .cli import RunFailed, entry_point
 from .config import ConfigError
 from .data import SkippedFilesReport, SSLDataModule
 from .devices import apply_device_defaults, device_trainer_kwargs, trains_on_gpu
-from .evaluation import evaluate_backbone, load_checkpoint
+from .evaluation import check_probe_memory, evaluate_backbone, load_checkpoint
 from .methods import build_method
 from .optim import gradient_accumulation_check
 from .rundir import continue_command, launch_overrides
@@ -187,6 +187,8 @@ def run(cfg: DictConfig) -> dict:
     if HydraConfig.initialized():
         summary["overrides"] = list(HydraConfig.get().overrides.task)
     evaluate = bool(cfg.eval.enabled) and dm.num_classes > 0
+    if evaluate:  # settings the end-of-run probes cannot hold (eval.feature_memory_gb) fail now, not after training
+        check_probe_memory(cfg.eval, dm, model.feat_dim)
     # the Trainer's device for this rank (Lightning moves the model back to the CPU after fit)
     device = trainer.strategy.root_device
     baseline_file = out / "random_init.json"  # kept for a resumed run's summary
@@ -221,6 +223,8 @@ def run(cfg: DictConfig) -> dict:
     summary["train_images_per_second"] = throughput.images_per_second
     probe_acc = trainer.callback_metrics.get("val/probe_top1")
     summary["online_probe_top1"] = float(probe_acc) if probe_acc is not None else None
+    knn_acc = trainer.callback_metrics.get("val/knn_top1")  # eval.online_knn: the last epoch that ran it
+    summary["online_knn_top1"] = float(knn_acc) if knn_acc is not None else None
     summary["checkpoint"] = str(out / "checkpoints" / "last.ckpt")
     val_features = None
     if evaluate:
@@ -256,6 +260,8 @@ class RandomInitBaseline(L.Callback):
                                  trainer.strategy.root_device)
         self.metrics = {"random_init_linear_probe_top1": base["linear_probe_top1"],
                         "random_init_knn_top1": base["knn_top1"]}
+        if "linear_probe_top1_std" in base:  # eval.seeds
+            self.metrics["random_init_linear_probe_top1_std"] = base["linear_probe_top1_std"]
         if trainer.is_global_zero:  # files and info logs: rank 0 only
             self.path.write_text(json.dumps(self.metrics, indent=2) + "\n")
             log.info("random-init backbone: linear top-1 %.4f, kNN top-1 %.4f", base["linear_probe_top1"],

@@ -7,8 +7,8 @@ does. BatchNorm layers are put in eval mode: torch has no CPU SyncBatchNorm, and
 statistics would differ from full-batch ones by construction (on GPUs, trainer=ddp converts them).
 The offline probes must give the same accuracy on 2 ranks as on 1, embedding every image once over
 the ranks and running the probes on rank 0 only. The same launch checks the online probe on a rank
-without labels, the MoCo v2 queue's agreement across ranks, and that a non-finite loss on one rank
-stops both with one message.
+without labels, the MoCo v2 queue's agreement across ranks, that a non-finite loss on one rank
+stops both with one message, and that the online kNN over per-rank banks equals one bank.
 """
 
 import os
@@ -191,6 +191,31 @@ def empty_batch_step(rank):
     return loss.detach(), len(labels)
 
 
+def online_knn_accuracy(rank=0, world=1):
+    """The online kNN's top-1 with this rank's share of a fixed epoch: each training step's batch split over the
+    ranks, the validation set split by Lightning's distributed sampler (which repeats a sample to even the
+    ranks out); without a cap on the bank, and with a cap that drops the older rows."""
+    from torch.utils.data import DistributedSampler
+
+    from ssl_vision.online_knn import OnlineKNN
+
+    from .test_online_knn import knn_data
+
+    bank_x, bank_y, qx, qy = knn_data(steps=4, batch=8, queries=11)
+    n = 8 // world
+    queries = list(DistributedSampler(range(11), num_replicas=world, rank=rank, shuffle=False)) if world > 1 \
+        else list(range(11))
+    out = []
+    for cap in (None, 16):
+        knn = OnlineKNN(3, k=6, temperature=0.1, max_bank=cap)
+        for bx, by in zip(bank_x, bank_y):
+            knn.add_bank(bx[rank * n:(rank + 1) * n], by[rank * n:(rank + 1) * n])
+        idx = torch.tensor(queries)
+        knn.add_queries(qx[idx], qy[idx], idx)
+        out.append(float(knn.compute("cpu")))
+    return out, len(queries)
+
+
 def _worker(rank, world, init_file, out_dir):
     from ssl_vision.distributed import gather_no_grad
 
@@ -204,6 +229,7 @@ def _worker(rank, world, init_file, out_dir):
         results["online_probe"] = {case: probe_step(labels, rank, world) for case, labels in PROBE_LABELS.items()}
         results["agreement"] = rank_agreement(rank)
         results["empty_batch"] = empty_batch_step(rank)
+        results["online_knn"] = online_knn_accuracy(rank, world)
         torch.save(results, os.path.join(out_dir, f"ddp{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -232,7 +258,11 @@ def test_two_ranks_equal_one_rank_for_every_method(tmp_path):
     assert m0 == m1 == single
     assert torch.equal(f0[0], val_x) and torch.equal(f0[1], val_y) and f1 is None
     assert probes0 == single_probes == [0] and probes1 == []
-    copies = int(make_cfg(METHODS["simclr"]).eval.linear.augment_copies)
+    from ssl_vision.evaluation import augment_copies
+
+    cfg = make_cfg(METHODS["simclr"])
+    copies = augment_copies(cfg.eval, len(single_seen[0]), len(single_seen[1]), 128)
+    assert copies == 4  # eval.linear.augment_copies=auto: the data is small
     assert len(seen0) == len(seen1) == len(single_seen) == 2 + copies  # train, val, augmented copies of train
     for a, b, full in zip(seen0, seen1, single_seen):
         assert sorted(a + b) == sorted(full) == list(range(len(full))) and abs(len(a) - len(b)) <= 1
@@ -255,6 +285,28 @@ def test_two_ranks_equal_one_rank_for_every_method(tmp_path):
     # an empty batch on rank 1 (data.batch_size per rank): both finish the step, rank 1 adds nothing
     (loss0, n0), (loss1, n1) = ddp[0]["empty_batch"], ddp[1]["empty_batch"]
     assert torch.isfinite(loss0) and float(loss1) == 0.0 and n0 == n1 == 4
+
+    # online kNN: each rank banks half of every step and gets 6 of the 11 queries (one repeated). Without a cap both
+    # ranks get the accuracy of one process holding the whole epoch. With max_bank=16 each rank keeps its own newest
+    # 8 labelled rows (one process: the newest 16): both ranks vote over the union of those, as the formula says
+    from .test_online_knn import knn_data, reference_top1
+
+    (acc0, q0), (acc1, q1) = ddp[0]["online_knn"], ddp[1]["online_knn"]
+    single_acc, _ = online_knn_accuracy()
+    assert q0 == q1 == 6 and acc0 == acc1 and acc0[0] == single_acc[0]
+    bank_x, bank_y, qx, qy = knn_data(steps=4, batch=8, queries=11)
+    flat_x, flat_y = bank_x.view(-1, 8), bank_y.view(-1)
+
+    def newest_labelled(rows, n):  # the last n labelled of these bank rows, in the order they were banked
+        return rows[flat_y[rows] >= 0][-n:]
+
+    newest = newest_labelled(torch.arange(32), 16)
+    per_rank = torch.cat([newest_labelled(torch.tensor([s * 8 + r * 4 + j for s in range(4) for j in range(4)]), 8)
+                          for r in range(2)])  # rank r banked columns r*4..r*4+3 of each step
+    assert single_acc == pytest.approx([reference_top1(flat_x, flat_y, qx, qy, 3, 6, 0.1),
+                                        reference_top1(flat_x[newest], flat_y[newest], qx, qy, 3, 6, 0.1)])
+    assert acc0[1] == pytest.approx(reference_top1(flat_x[per_rank], flat_y[per_rank], qx, qy, 3, 6, 0.1))
+    assert single_acc[0] != single_acc[1]  # the cap mattered
 
 
 def test_cli_ddp_run_on_two_cpu_processes(tmp_path):
@@ -289,6 +341,7 @@ def test_cli_ddp_run_on_two_cpu_processes(tmp_path):
     assert summary["world_size"] == 2 and r.stdout.count('"world_size": 2') == 1  # printed by rank 0 only
     assert summary["steps"] == 384 // (2 * 64)  # 384 training images, 64 per rank per step, drop_last
     assert 0.0 <= summary["online_probe_top1"] <= 1.0 and 0.0 <= summary["random_init_knn_top1"] <= 1.0
+    assert 0.0 <= summary["online_knn_top1"] <= 1.0  # the online kNN's collectives ran on both ranks
     ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
     lrs = {g["name"]: g["initial_lr"] for g in ckpt["optimizer_states"][0]["param_groups"]}
     assert lrs["decay"] == lrs["no_decay"] == pytest.approx(0.4 * 128 / 256)  # base lr x global batch / 256

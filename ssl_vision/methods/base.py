@@ -32,6 +32,7 @@ from ..config import ConfigError
 from ..data import train_batches_done
 from ..distributed import broadcast_tensors_, gather_no_grad
 from ..optim import build_optimizer, check_optimizer_config, scaled_lr, split_decay, warmup_cosine
+from ..online_knn import OnlineKNN
 from ..rng import keyed_uniform
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ class SSLMethod(L.LightningModule, abc.ABC):
         self._batch_keys: tuple[torch.Tensor, int] | None = None  # (indexes, epoch) of the training batch
         self._compiled = False
         self._non_finite: torch.Tensor | None = None  # this rank's first non-finite loss: (step, value)
+        self.online_knn = OnlineKNN.from_config(cfg, num_classes)  # eval.online_knn; None: off or no labels
 
     # --- subclass API -----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -291,6 +293,8 @@ class SSLMethod(L.LightningModule, abc.ABC):
                         self.global_step, self.global_rank)
             views, labels = self._stand_in(views)
         out = self.forward_views(views)
+        if self.online_knn is not None and self.online_knn.due(self.current_epoch):
+            self.online_knn.add_bank(out["feats"], labels)  # the first view's features: no extra pass
         loss = out["loss"]
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=images)
         # the progress bar shows the last epoch's mean: Lightning reads progress-bar values on the host
@@ -345,10 +349,28 @@ class SSLMethod(L.LightningModule, abc.ABC):
     def validation_step(self, batch, batch_idx):
         if self.probe is None:
             return
-        images, labels, _ = batch
-        logits = self.probe(self.backbone(images).float())
+        images, labels, indexes = batch
+        feats = self.backbone(images)
+        if self._online_knn_due():
+            self.online_knn.add_queries(feats, labels, indexes)
+        logits = self.probe(feats.float())
         self.val_top1.update(logits, labels)
         self.log("val/probe_top1", self.val_top1, on_step=False, on_epoch=True, prog_bar=True)
+
+    # --- online kNN (ssl_vision/online_knn.py): bank from the training steps, queries from validation ------
+    def _online_knn_due(self) -> bool:
+        return self.online_knn is not None and not self.trainer.sanity_checking \
+            and self.online_knn.due(self.current_epoch)
+
+    def on_train_epoch_start(self) -> None:
+        if self.online_knn is not None:
+            self.online_knn.reset_bank()  # a bank holds one epoch
+
+    def on_validation_epoch_end(self) -> None:
+        if self._online_knn_due():
+            top1 = self.online_knn.compute(self.device)  # collective: every rank, same value
+            if top1 is not None:
+                self.log("val/knn_top1", top1, on_epoch=True, sync_dist=True)
 
     # --- checkpoint extras: random state, so a resumed run continues the same random stream ------
     def on_save_checkpoint(self, checkpoint):
