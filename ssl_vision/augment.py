@@ -32,6 +32,9 @@ View settings (any key per view under ``augment.views.<name>``, or for all under
   MoCo, solo-learn and DINO use, and which SimCLR / BYOL's 10%-of-224 kernel (23) contains at these
   sigmas; or an odd int); blur is only applied to views of at least ``blur_min_size`` pixels
 - ``solarize_prob`` (pixels >= 0.5 inverted, PIL's ``solarize(threshold=128)``)
+- ``randaugment`` (a timm RandAugment string, e.g. ``rand-m9-mstd0.5-inc1``; after the crop, before
+  normalization) and ``erase_prob`` (timm's random erasing, after normalization): the fine-tuning
+  augmentation of MAE / DeiT, ``ssl_vision.randaugment``
 
 Differences from the references, all below what an experiment can measure: the ops run in float on
 the canvas, not on 8-bit PIL images re-quantized after each op; the canvas holds each image at
@@ -52,6 +55,7 @@ import kornia
 import torch
 from torch import nn
 
+from .randaugment import ERASE_DRAWS, RandAugment, erase, erase_boxes, parse_config
 from .rng import keyed_uniform
 
 DEFAULT_VIEW = {
@@ -71,6 +75,8 @@ DEFAULT_VIEW = {
     "blur_kernel": "auto",
     "blur_min_size": 96,
     "solarize_prob": 0.0,
+    "randaugment": None,
+    "erase_prob": 0.0,
 }
 INTERPOLATIONS = ("bilinear", "bicubic")
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
@@ -265,7 +271,9 @@ def _check_view(name: str, v: Mapping, image_size: int) -> dict:
     r0, r1 = (float(r) for r in v["crop_ratio"])
     if not 0 < r0 <= r1:
         raise _config_error(f"augment.views.{name}.crop_ratio: {[r0, r1]} must satisfy 0 < min <= max")
-    for key in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+    if v["randaugment"]:
+        parse_config(v["randaugment"], f"augment.views.{name}.randaugment")
+    for key in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob", "erase_prob"):
         if not 0 <= float(v[key]) <= 1:
             raise _config_error(f"augment.views.{name}.{key}: {v[key]} is not a probability in [0, 1]")
     k = v["blur_kernel"]
@@ -293,6 +301,9 @@ class MultiViewAugment(nn.Module):
         self.num_global = sum(v["size"] == self.image_size for v in self.views)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        fill = [min(255, round(255 * float(m))) for m in mean]  # timm's img_mean
+        self.randaugments = [RandAugment(v["randaugment"], v["size"], fill, v["interpolation"]) if v["randaugment"]
+                             else None for v in self.views]
 
     @property
     def sizes(self) -> list[int]:
@@ -316,7 +327,20 @@ class MultiViewAugment(nn.Module):
         ``indexes`` (B,)). Each plan holds tensors for the device and the crop boxes in original
         pixels (``boxes_orig``, for ``ssl-vision-views``)."""
         sizes, indexes = sizes.cpu(), indexes.cpu()
-        return [self._plan_view(name, v, sizes, indexes, epoch) for name, v in zip(self.names, self.views)]
+        plans = [self._plan_view(name, v, sizes, indexes, epoch) for name, v in zip(self.names, self.views)]
+        for name, v, ra, p in zip(self.names, self.views, self.randaugments, plans):  # own streams: others unchanged
+            self._plan_finetune_ops(name, v, ra, p, indexes, epoch)
+        return plans
+
+    def _plan_finetune_ops(self, name: str, v: dict, ra, p: dict, indexes, epoch: int) -> None:
+        if ra is not None:
+            p["randaugment"] = ra.plan(keyed_uniform(self.seed, epoch, indexes, f"{self.stream(name)}:randaugment",
+                                                     ra.num_draws))
+        if float(v["erase_prob"]) > 0:
+            u = keyed_uniform(self.seed, epoch, indexes, f"{self.stream(name)}:erase", ERASE_DRAWS)
+            boxes = erase_boxes(u, v["size"], v["size"], float(v["erase_prob"]))
+            p["erase_index"] = torch.nonzero(boxes[:, 2] > 0)[:, 0]
+            p["erase_boxes"] = boxes[p["erase_index"]]
 
     def _plan_view(self, name: str, v: dict, sizes, indexes, epoch: int) -> dict:
         u = keyed_uniform(self.seed, epoch, indexes, self.stream(name), _U_COUNT)
@@ -353,11 +377,13 @@ class MultiViewAugment(nn.Module):
     @torch.no_grad()
     def apply(self, images: torch.Tensor, sizes: torch.Tensor, plans: list[dict]) -> list[torch.Tensor]:
         x = to_float(images)
-        return [self._apply_view(x, sizes, v, p) for v, p in zip(self.views, plans)]
+        return [self._apply_view(x, sizes, v, p, ra) for v, p, ra in zip(self.views, plans, self.randaugments)]
 
-    def _apply_view(self, x, sizes, v: dict, p: dict) -> torch.Tensor:
+    def _apply_view(self, x, sizes, v: dict, p: dict, ra=None) -> torch.Tensor:
         dev = x.device
         y = resized_crop(x, p["boxes"], sizes, v["size"], p["flip"], v["interpolation"])
+        if "randaugment" in p:
+            ra.apply(y, p["randaugment"])
         index = p["index"].to(dev)
 
         def subset(key: str, fn) -> None:  # y[idx] = fn(y[idx], idx), in place
@@ -377,7 +403,10 @@ class MultiViewAugment(nn.Module):
             subset("blur", lambda z, idx: kornia.filters.gaussian_blur2d(z, (k, k), torch.stack([sigma, sigma], 1),
                                                                           border_type="reflect"))
         subset("solarize", lambda z, idx: torch.where(z >= 0.5, 1 - z, z))
-        return y.sub_(self.mean).div_(self.std)
+        y = y.sub_(self.mean).div_(self.std)
+        if "erase_index" in p:
+            erase(y, p["erase_boxes"], p["erase_index"])
+        return y
 
     def forward(self, images: torch.Tensor, sizes: torch.Tensor | None = None, indexes: torch.Tensor | None = None,
                 epoch: int = 0) -> list[torch.Tensor]:
@@ -392,12 +421,13 @@ class MultiViewAugment(nn.Module):
 
 class EvalTransform(nn.Module):
     """Deterministic view: a centred square of ``crop_fraction`` x each image's short side, resized
-    to ``size`` (antialiased bilinear) and normalized. 0.875: the references' ImageNet evaluation
-    (shorter side to size / 0.875, centre crop of size); 1.0: a whole square image (CIFAR, digits)."""
+    to ``size`` (antialiased ``interpolation``: bilinear, or bicubic as the fine-tuning references) and
+    normalized. 0.875: the references' ImageNet evaluation (shorter side to size / 0.875, centre crop of
+    size); 1.0: a whole square image (CIFAR, digits)."""
 
-    def __init__(self, size: int, mean, std, crop_fraction: float = 1.0):
+    def __init__(self, size: int, mean, std, crop_fraction: float = 1.0, interpolation: str = "bilinear"):
         super().__init__()
-        self.size, self.crop_fraction = int(size), float(crop_fraction)
+        self.size, self.crop_fraction, self.interpolation = int(size), float(crop_fraction), interpolation
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
@@ -412,7 +442,8 @@ class EvalTransform(nn.Module):
         whole = (sizes[:, 0] == h) & (sizes[:, 1] == w)
         if (h, w) == (self.size, self.size) and self.crop_fraction == 1.0 and bool(whole.all()):
             return self.normalize(x)  # in-memory square images at the network's size: nothing to resize
-        return self.normalize(resized_crop(x, center_boxes(sizes, self.crop_fraction), sizes, self.size))
+        return self.normalize(resized_crop(x, center_boxes(sizes, self.crop_fraction), sizes, self.size,
+                                           kind=self.interpolation))
 
 
 class ProbeCrops(nn.Module):

@@ -87,7 +87,8 @@ def build_backbone(
     channels_last: bool = False,
     small_stem_style: str = "default",
 ) -> tuple[nn.Module, int]:
-    """Create a timm backbone without classifier; returns ``(module, feature_dim)``."""
+    """Create a timm backbone without classifier (``kwargs`` may ask for one: ``num_classes``, as a fine-tuned
+    model's config does); returns ``(module, feature_dim)``."""
     model_name = timm_name(name)
     if small_stem_style not in SMALL_STEM_STYLES:
         raise ConfigError(f"backbone.small_stem_style: unknown style '{small_stem_style}'; choose one of: "
@@ -105,7 +106,8 @@ def build_backbone(
                 + f", or data.image_size={(image_size // patch or 1) * patch} for patch {patch}"
             )
         kwargs.update(img_size=image_size, patch_size=patch)
-    model = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
+    num_classes = int(kwargs.pop("num_classes", 0))
+    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
     if not is_vit(model):
         use_small = image_size <= SMALL_IMAGE_MAX if small_stem == "auto" else bool(small_stem)
         if use_small and hasattr(model, "conv1") and hasattr(model, "maxpool"):

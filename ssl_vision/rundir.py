@@ -122,10 +122,11 @@ def _torchrun_run_dir() -> str:
                       "its own run directory; set hydra.run.dir=<dir> (or pass --rdzv-id to torchrun)")
 
 
-def continue_command(out: Path) -> str:
+def continue_command(out: Path, module: str = "ssl_vision.train") -> str:
     """The shell command that continues this run: how it was started (``python -m ssl_vision.train``,
     ``ssl-vision-train``, ``torchrun ... -m ssl_vision.train``, ``srun ...``), its overrides, and
-    ``hydra.run.dir=<out>`` (``resume=auto`` then picks up the run's last checkpoint)."""
+    ``hydra.run.dir=<out>`` (``resume=auto`` then picks up the run's last checkpoint). ``module``: the entry
+    point's module (``ssl_vision.finetune``: ``ssl-vision-finetune``)."""
     from hydra.core.hydra_config import HydraConfig
 
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
@@ -133,9 +134,10 @@ def continue_command(out: Path) -> str:
     if spec is None and sys.argv[0].endswith(".py"):  # a script that calls ssl_vision.train.main
         program = [sys.argv[0]]
     else:  # python -m ssl_vision.train, or another runner (e.g. submitit's, in a SLURM job)
-        program = ["-m", "ssl_vision.train"]
-    if Path(sys.argv[0]).name == "ssl-vision-train":
-        head = ["ssl-vision-train"]
+        program = ["-m", module]
+    script = "ssl-vision-" + module.rsplit(".", 1)[-1]
+    if Path(sys.argv[0]).name == script:
+        head = [script]
     elif _torchrun():
         nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
         head = ["torchrun", *([f"--nnodes={nodes}"] if nodes > 1 else []),
