@@ -381,8 +381,8 @@ class Throughput(L.Callback):
         flops = f", {s['flops_per_image'] / 1e9:.3g} GFLOPs per image" if s["flops_per_image"] else ""
         mfu = f", MFU {100 * s['mfu']:.1f}% of {s['device_peak_flops'] / 1e12:.0f} TFLOP/s ({s['peak_flops_dtype']})" \
             if "mfu" in s else ""
-        log.info("throughput: %.1f images/s (%.1f per device, %d devices)%s%s", s["train_images_per_second"],
-                 s["train_images_per_second_per_device"], s["train_devices"], flops, mfu)
+        log.info("throughput: %.1f images/s (%.1f per device, %d device%s)%s%s", s["train_images_per_second"],
+                 s["train_images_per_second_per_device"], s["train_devices"], "s" * (s["train_devices"] > 1), flops, mfu)
 
 
 def _write_rows(path: Path, header: list[str], rows: list[dict]) -> None:
