@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import errno
 import logging
+import math
 import os
 import re
 import shutil
@@ -224,14 +225,87 @@ class LastCheckpoint(L.Callback):
         self._saved_step = state.get("saved_step", -1)
 
 
-class Throughput(L.Callback):
-    """Logs ``train/images_per_second`` (all ranks together) for every epoch."""
+# Dense peak tensor-core FLOP/s of one GPU (no structured sparsity; the data sheets' headline figures are
+# twice these), by the dtype its matmuls and convolutions run in. NVIDIA data sheets: H100 (SXM5, PCIe) and
+# H200 (SXM; GH200's GPU is the same) https://resources.nvidia.com/en-us-tensor-core ,
+# https://nvdam.widen.net/s/nb5zzzsjdf/hpc-datasheet-sc23-h200-datasheet-3002446 ; A100 (SXM4 and PCIe alike)
+# https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf
+# Other devices (CPUs, NVL boards, consumer GPUs): no MFU rather than a guess.
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "h100_sxm": {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "h200": {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "h100_pcie": {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51.2e12},
+    "a100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+}
 
-    def __init__(self):
+
+def peak_chip(device_name: str) -> str | None:
+    """The ``PEAK_FLOPS`` row of a GPU named as ``torch.cuda.get_device_name`` names it, or None."""
+    n = device_name.lower()
+    if "nvl" in n:  # H100 / H200 NVL: lower clocks than the SXM parts; not in the table
+        return None
+    if "h200" in n:  # "NVIDIA H200", "NVIDIA GH200 480GB"
+        return "h200"
+    if "h100" in n:  # "NVIDIA H100 80GB HBM3" is the SXM part
+        return "h100_pcie" if "pcie" in n else "h100_sxm" if ("hbm3" in n or "sxm" in n) else None
+    if "a100" in n:
+        return "a100"
+    return None
+
+
+def compute_dtype(precision: str) -> str | None:
+    """The dtype matmuls run in under Lightning's ``precision``: bf16, fp16, tf32 (32-true with TF32 matmuls on,
+    ``tf32: true``) or fp32; None for 64-bit."""
+    p = str(precision)
+    if p.startswith("bf16"):
+        return "bf16"
+    if p.startswith("16"):
+        return "fp16"
+    if p.startswith("32"):
+        return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return None
+
+
+def peak_flops(device: torch.device, precision: str) -> tuple[float | None, str | None]:
+    """(peak FLOP/s, dtype) of ``device`` at ``precision``, or (None, dtype) when the device is not in
+    ``PEAK_FLOPS``."""
+    dtype = compute_dtype(precision)
+    if device.type != "cuda" or dtype is None:
+        return None, dtype
+    chip = peak_chip(torch.cuda.get_device_name(device))
+    return (PEAK_FLOPS[chip][dtype] if chip else None), dtype
+
+
+class Throughput(L.Callback):
+    """Training throughput, model FLOPs and MFU.
+
+    - ``train/images_per_second`` (all ranks together) and ``train/images_per_second_per_device``, for every
+      epoch, from its first training batch to its last (validation not included).
+    - ``flops_per_image``: the FLOPs of one training step per image on one device, counted on the fit's
+      first training step with ``torch.utils.flop_counter.FlopCounterMode`` (every matmul, convolution and
+      attention of the forward and backward passes, 2 per multiply-add): every view the method trains on,
+      its heads, the momentum encoder's forward and the online probe; not the optimizer, EMA update or
+      augmentation (no matmuls). That step runs eagerly (``torch.compiler.set_stance("force_eager")``),
+      since a compiled region hides its operations from the counter; compilation starts at the next one.
+    - ``train/mfu``: model FLOPs utilisation, flops_per_image x images/s per device / the device's dense peak
+      FLOP/s at the run's precision (``PEAK_FLOPS``); not logged on devices without a known peak.
+    """
+
+    def __init__(self, count_flops: bool = True):
         self.images = 0
         self.seconds = 0.0
         self._t0 = self._t1 = None
         self._n = 0
+        self.count_flops = count_flops
+        self.flops_per_image: float | None = None
+        self.world_size = 1
+        self.peak: float | None = None
+        self.dtype: str | None = None
+        self._counting = None  # (FlopCounterMode, stance) while the first step is counted
+
+    def setup(self, trainer, pl_module, stage):
+        self.world_size = trainer.world_size
+        self.peak, self.dtype = peak_flops(trainer.strategy.root_device, trainer.precision)
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._t0, self._n = time.perf_counter(), 0
@@ -239,23 +313,76 @@ class Throughput(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._t0 is None:  # resumed part-way through an epoch: Lightning skips on_train_epoch_start
             self._t0, self._n = time.perf_counter(), 0
+        if self.count_flops and self.flops_per_image is None and self._counting is None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            stance = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else None
+            counter = FlopCounterMode(display=False)
+            counter.__enter__()
+            self._counting = (counter, stance)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._n += len(batch[1]) * trainer.world_size
+        images = len(batch[1])
+        if self._counting is not None:
+            counter, stance = self._counting
+            self._counting = None
+            counter.__exit__(None, None, None)
+            if stance is not None:
+                stance.__exit__(None, None, None)
+            if images:  # a batch whose every image was unreadable trains on stand-ins: count the next one
+                self.flops_per_image = counter.get_total_flops() / images
+                if trainer.is_global_zero:
+                    log.info("training step: %.3g GFLOPs per image (forward + backward, counted at step %d)",
+                             self.flops_per_image / 1e9, trainer.global_step)
+        self._n += images * trainer.world_size
         self._t1 = time.perf_counter()  # the epoch's clock stops at its last training batch
 
     def on_train_epoch_end(self, trainer, pl_module):
         t0, self._t0 = self._t0, None
         if not self._n or t0 is None:
             return
-        dt = self._t1 - t0
+        dt = max(self._t1 - t0, 1e-9)
         self.images += self._n
         self.seconds += dt
-        pl_module.log("train/images_per_second", self._n / max(dt, 1e-9), on_epoch=True, rank_zero_only=True)
+        rate = self._n / dt
+        pl_module.log("train/images_per_second", rate, on_epoch=True, rank_zero_only=True)
+        pl_module.log("train/images_per_second_per_device", rate / trainer.world_size, on_epoch=True,
+                      rank_zero_only=True)
+        mfu = self.mfu_of(rate / trainer.world_size)
+        if mfu is not None:
+            pl_module.log("train/mfu", mfu, on_epoch=True, rank_zero_only=True)
+
+    def mfu_of(self, per_device: float | None) -> float | None:
+        if per_device is None or self.peak is None or self.flops_per_image is None:
+            return None
+        return self.flops_per_image * per_device / self.peak
 
     @property
     def images_per_second(self) -> float | None:
         return round(self.images / self.seconds, 2) if self.seconds else None
+
+    def summary(self) -> dict:
+        """The run's figures for summary.json: images/s in total and per device, FLOPs per image, and where
+        the device's peak is known, its peak FLOP/s and the MFU."""
+        total = self.images_per_second
+        per_device = round(total / self.world_size, 2) if total is not None else None
+        out = {"train_images_per_second": total, "train_images_per_second_per_device": per_device,
+               "train_devices": self.world_size,
+               "flops_per_image": round(self.flops_per_image) if self.flops_per_image is not None else None}
+        mfu = self.mfu_of(per_device)
+        if mfu is not None:
+            out.update(device_peak_flops=self.peak, peak_flops_dtype=self.dtype, mfu=round(mfu, 4))
+        return out
+
+    def on_train_end(self, trainer, pl_module):
+        if not trainer.is_global_zero or self.images_per_second is None:
+            return
+        s = self.summary()
+        flops = f", {s['flops_per_image'] / 1e9:.3g} GFLOPs per image" if s["flops_per_image"] else ""
+        mfu = f", MFU {100 * s['mfu']:.1f}% of {s['device_peak_flops'] / 1e12:.0f} TFLOP/s ({s['peak_flops_dtype']})" \
+            if "mfu" in s else ""
+        log.info("throughput: %.1f images/s (%.1f per device, %d device%s)%s%s", s["train_images_per_second"],
+                 s["train_images_per_second_per_device"], s["train_devices"], "s" * (s["train_devices"] > 1), flops, mfu)
 
 
 def _write_rows(path: Path, header: list[str], rows: list[dict]) -> None:
@@ -323,3 +450,138 @@ class RunCSVLogger(CSVLogger):
             self._experiment = (_AtomicWriter(self.log_dir) if self.resume_step is None
                                 else _ContinuedWriter(self.log_dir, self.resume_step))
         return super().experiment  # rank > 0: Lightning's dummy
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(max(seconds, 0.0)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class ProgressLog(L.Callback):
+    """Progress as plain log lines, for output that is not a terminal (a SLURM log, ``> run.log``), where
+    Lightning's progress bar would write carriage-return fragments. Every ``every_n_steps`` optimizer steps
+    (``auto``: 5% of the run, at most ``MAX_EVERY`` apart) and at the last step, one line::
+
+        step 120/400 (30%) | epoch 3/10 | loss 4.1253 | 812.4 images/s | elapsed 0:01:02 | ETA 0:02:25
+
+    (images/s: all ranks together, since the previous line; ETA: the remaining steps at the run's mean step
+    time so far, validation included), and one per epoch with the epoch's mean loss and the online probe.
+    Lines go to the ``ssl_vision`` logger (Hydra: the console and ``<run dir>/train.log``), from rank 0."""
+
+    MAX_EVERY = 500
+
+    def __init__(self, every_n_steps: int | str = "auto"):
+        if every_n_steps != "auto" and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
+                                        or every_n_steps < 1):
+            from .config import ConfigError
+
+            raise ConfigError(f"progress.every_n_steps: must be an integer >= 1 or auto, got {every_n_steps!r}")
+        self.every_n_steps = every_n_steps
+        self.every = 1
+        self.total = 0
+        self._start = self._last_time = 0.0
+        self._start_step = self._last_step = 0
+        self._images = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.total = int(trainer.estimated_stepping_batches)
+        self.every = self.every_n_steps if self.every_n_steps != "auto" else \
+            max(1, min(self.MAX_EVERY, math.ceil(self.total / 20)))
+        self._start = self._last_time = time.perf_counter()
+        self._start_step = self._last_step = trainer.global_step  # a resumed run starts part-way
+        self._images = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._images += len(batch[1]) * trainer.world_size
+        step = trainer.global_step
+        if step == self._last_step or not (step % self.every == 0 or step >= self.total):
+            return
+        loss = _number(trainer.callback_metrics.get("train/loss_step"))  # every rank: the same reads
+        now = time.perf_counter()
+        rate = self._images / max(now - self._last_time, 1e-9)
+        done = step - self._start_step
+        eta = (now - self._start) / max(done, 1) * max(self.total - step, 0)
+        self._images, self._last_time, self._last_step = 0, now, step
+        if not trainer.is_global_zero:
+            return
+        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        parts = [f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%)",
+                 f"epoch {trainer.current_epoch + 1}{epochs}",
+                 f"loss {loss:.4f}" if loss is not None else "loss -", f"{rate:.1f} images/s",
+                 f"elapsed {_clock(now - self._start)}", f"ETA {_clock(eta)}"]
+        log.info("%s", " | ".join(parts))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        metrics = trainer.callback_metrics  # every rank: reading it may reduce epoch values across ranks
+        values = {key: _number(metrics.get(key)) for key in ("loss", "train/probe_top1", "val/probe_top1")}
+        if not trainer.is_global_zero:
+            return
+        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        parts = [f"epoch {trainer.current_epoch + 1}{epochs} done", f"step {trainer.global_step}/{self.total}"]
+        parts += [f"{'mean loss' if key == 'loss' else key} {v:.4f}" for key, v in values.items() if v is not None]
+        log.info("%s", " | ".join(parts))
+
+
+def progress_callbacks(pcfg, trainer_kwargs: dict, extra: list) -> list[L.Callback]:
+    """``progress.style``: the progress bar (Lightning's, as ``trainer.enable_progress_bar`` sets it) or plain
+    lines (``ProgressLog``; the bar is then turned off in ``trainer_kwargs``). ``auto``: the bar when stdout
+    is a terminal, lines otherwise. A progress-bar callback among the ``extra`` (config) callbacks keeps the bar."""
+    import sys
+
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from .config import ConfigError
+
+    pcfg = pcfg or {}
+    style = pcfg.get("style", "auto")
+    if style not in ("auto", "bar", "lines"):
+        raise ConfigError(f"progress.style: unknown value '{style}'; choose one of: auto, bar, lines")
+    if not trainer_kwargs.get("enable_progress_bar", True) or any(isinstance(c, ProgressBar) for c in extra):
+        return []
+    if style == "bar" or (style == "auto" and sys.stdout.isatty()):
+        return []
+    trainer_kwargs["enable_progress_bar"] = False
+    return [ProgressLog(pcfg.get("every_n_steps", "auto"))]
+
+
+def config_callbacks(ccfg) -> list[L.Callback]:
+    """The ``callbacks`` mapping of the config, each entry built with ``hydra.utils.instantiate`` (its
+    ``_target_`` and arguments); null entries are skipped. One-line ``ConfigError`` for an entry without
+    ``_target_``, one that cannot be built, or one that is not a Lightning callback."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig
+
+    from .config import ConfigError
+
+    out = []
+    for name, node in (ccfg or {}).items():
+        if node is None:
+            continue
+        if not isinstance(node, (DictConfig, dict)) or "_target_" not in node:
+            raise ConfigError(f"callbacks.{name}: needs a _target_, e.g. "
+                              f"+callbacks.{name}._target_=lightning.pytorch.callbacks.LearningRateMonitor")
+        try:
+            callback = instantiate(node)
+        except InstantiationException as e:
+            raise ConfigError(f"callbacks.{name}: {_one_line(e)}") from None
+        if not isinstance(callback, L.Callback):
+            raise ConfigError(f"callbacks.{name}: {node['_target_']} is not a lightning.pytorch Callback")
+        out.append(callback)
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    """Hydra's instantiation error as one line: its own first line and the cause's message."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    cause = e.__cause__
+    if cause is not None and str(cause) not in first:
+        first = f"{first} ({type(cause).__name__}: {' '.join(str(cause).split())})"
+    return " ".join(first.split())

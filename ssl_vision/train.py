@@ -17,13 +17,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from . import preemption
-from .callbacks import (AtomicCheckpointIO, CheckpointWriteError, LastCheckpoint, RunCSVLogger, Throughput,
-                        check_checkpoint_config, versions)
+from .callbacks import (AtomicCheckpointIO, CheckpointWriteError, LastCheckpoint, Throughput, check_checkpoint_config,
+                        config_callbacks, progress_callbacks, versions)
 from .cli import RunFailed, entry_point
 from .config import ConfigError
 from .data import SkippedFilesReport, SSLDataModule
 from .devices import apply_device_defaults, device_trainer_kwargs, trains_on_gpu
 from .evaluation import check_probe_memory, evaluate_backbone, load_checkpoint
+from .loggers import LoggerRunIds, build_loggers
 from .methods import build_method
 from .optim import gradient_accumulation_check
 from .rundir import continue_command, launch_overrides
@@ -88,8 +89,14 @@ def _first_line(e: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def build_trainer(cfg: DictConfig, out: Path, labelled: bool = True, resume_step: int | None = None
-                  ) -> tuple[L.Trainer, Throughput]:
+def build_trainer(cfg: DictConfig, out: Path, labelled: bool = True, resume_step: int | None = None,
+                  ckpt_path: Path | None = None) -> tuple[L.Trainer, Throughput]:
+    """The run's Lightning Trainer: ``cfg.trainer`` with the device defaults, the ``logger`` group's loggers
+    (``ssl_vision.loggers``; ``resume_step`` / ``ckpt_path``: the checkpoint a resumed run continues, whose
+    metrics.csv rows and W&B / MLflow run ids it keeps), the suite's own callbacks - ``LastCheckpoint``
+    (``checkpoint.*``), the stop on SIGTERM / SIGINT, ``Throughput`` (images/s, FLOPs, MFU),
+    ``SkippedFilesReport``, progress lines when stdout is not a terminal (``progress.*``) - then the
+    ``callbacks`` mapping's, each built with ``hydra.utils.instantiate``."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     on_gpu = trains_on_gpu(kwargs)
     kwargs = device_trainer_kwargs(kwargs, on_gpu)  # cuDNN autotuning on GPUs; DDP without buffer broadcasts
@@ -104,12 +111,15 @@ def build_trainer(cfg: DictConfig, out: Path, labelled: bool = True, resume_step
     io = AtomicCheckpointIO(keep_last=ckpt_cfg["keep_last"])
     last = LastCheckpoint(out / "checkpoints", every_n_steps=ckpt_cfg["every_n_steps"],
                           every_n_epochs=ckpt_cfg["every_n_epochs"], io=io)
-    callbacks = [last, throughput, SkippedFilesReport()]
+    loggers = build_loggers(cfg.get("logger"), out, resume_step, ckpt_path)
+    extra = config_callbacks(cfg.get("callbacks"))
+    callbacks = [last, throughput, SkippedFilesReport(), LoggerRunIds(loggers)]
+    callbacks += progress_callbacks(cfg.get("progress"), kwargs, extra) + extra
     guard = preemption.active()
     if guard is not None:  # after LastCheckpoint: a stop at a step it saved already does not save twice
         callbacks.insert(1, preemption.StopOnSignal(guard, last))
     try:
-        trainer = L.Trainer(**kwargs, default_root_dir=str(out), logger=RunCSVLogger(str(out), resume_step),
+        trainer = L.Trainer(**kwargs, default_root_dir=str(out), logger=list(loggers.values()) or False,
                             callbacks=callbacks, enable_checkpointing=False, plugins=[io])
     except (ValueError, TypeError, ImportError, MisconfigurationException) as e:  # Lightning's own check of a trainer.* value
         raise ConfigError(f"trainer{_trainer_key(str(e), kwargs)}: {' '.join(str(e).split())}") from None
@@ -141,13 +151,80 @@ def peak_memory(trainer: L.Trainer) -> dict:
     return {"peak_memory_mb": round(mb, 1), "peak_memory_kind": kind}
 
 
+def git_commit(package_dir: Path | None = None) -> dict:
+    """``{"git_commit": sha, "git_dirty": bool}`` when ``ssl_vision`` runs from a git checkout of this project
+    (the repository's top level holds this package and pyproject.toml), else ``{}``: an installed package,
+    no git, or git failing."""
+    import subprocess
+
+    here = (package_dir or Path(__file__).resolve().parent)
+    try:
+        def git(*args):
+            return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+
+        top = Path(git("rev-parse", "--show-toplevel"))
+        if (top / here.name).resolve() != here.resolve() or not (top / "pyproject.toml").is_file():
+            return {}  # e.g. site-packages inside some other repository
+        return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain",
+                                                                                 "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return {}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor() or platform.machine() or device.type
+
+
+def provenance(trainer: L.Trainer) -> dict:
+    """What produced the run: the package version (and git commit from a checkout), the versions of torch,
+    lightning, timm and kornia, the devices (each rank's device name, gathered: {name: count}), the
+    precision and float32 matmul setting. Called on every rank (one gather of the names)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def installed(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    device = trainer.strategy.root_device
+    names = [_device_name(device)]
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        names = [None] * trainer.world_size
+        torch.distributed.all_gather_object(names, _device_name(device))
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return {
+        "ssl_vision_version": __version__, **git_commit(),
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                     **{p: installed(p) for p in ("lightning", "timm", "kornia", "torchvision")}},
+        "accelerator": device.type, "devices": counts, "world_size": int(trainer.world_size),
+        "num_nodes": int(trainer.num_nodes), "precision": str(trainer.precision),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        **({"cuda": torch.version.cuda} if device.type == "cuda" else {"cpu_threads": torch.get_num_threads()}),
+    }
+
+
 def write_plots(out: Path, val_features=None, class_names=(), seed: int = 0) -> list[str]:
     """``out/training_curves.png`` from ``out/metrics.csv``, and ``out/embedding.png`` of
     ``val_features`` = (val_x (N, D), val_y (N,)) when given. A plot that fails is logged as one
     warning and left out (a finished run is never lost to a plot); returns the paths written."""
     from .plots import plot_embedding, plot_training_curves
 
-    jobs = [("training_curves.png", lambda path: plot_training_curves(out / "metrics.csv", path))]
+    jobs = [("training_curves.png", lambda path: plot_training_curves(out / "metrics.csv", path))] \
+        if (out / "metrics.csv").is_file() else []  # no csv logger (logger=tensorboard alone): no curves
     if val_features is not None:
         jobs.append(("embedding.png", lambda path: plot_embedding(*val_features, class_names, path, seed=seed)))
     written = []
@@ -176,7 +253,7 @@ def run(cfg: DictConfig) -> dict:
     if isinstance(devices, int) and hasattr(model, "check_queue_size"):  # fail before the Trainer starts
         model.check_queue_size(int(cfg.data.batch_size) * devices * nodes)
     trainer, throughput = build_trainer(cfg, out, labelled=dm.num_classes > 0,
-                                        resume_step=resume_step if ckpt_path else None)
+                                        resume_step=resume_step if ckpt_path else None, ckpt_path=ckpt_path)
     if trainer.is_global_zero:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     summary: dict = {
@@ -220,7 +297,7 @@ def run(cfg: DictConfig) -> dict:
         summary.update(baseline.metrics)
     summary["train_seconds"] = round(time.perf_counter() - start - (baseline.seconds if baseline else 0.0), 2)
     summary["steps"] = int(trainer.global_step)
-    summary["train_images_per_second"] = throughput.images_per_second
+    summary.update(throughput.summary())  # images/s in total and per device, FLOPs per image, MFU
     probe_acc = trainer.callback_metrics.get("val/probe_top1")
     summary["online_probe_top1"] = float(probe_acc) if probe_acc is not None else None
     knn_acc = trainer.callback_metrics.get("val/knn_top1")  # eval.online_knn: the last epoch that ran it
@@ -235,6 +312,7 @@ def run(cfg: DictConfig) -> dict:
     elif dm.num_classes == 0:
         log.warning("the data has no labels: linear probe and kNN were skipped")
     summary.update(peak_memory(trainer))  # before the plots: the run's own peak
+    summary["provenance"] = provenance(trainer)  # every rank: the device names are gathered
     if trainer.is_global_zero:
         if cfg.get("plots", True):
             summary["plots"] = write_plots(out, val_features, dm.class_names, int(cfg.seed))

@@ -10,7 +10,7 @@ import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench.py"
 REQUIRED = ("floor_ms", "step_ms", "step_over_floor", "images_per_second", "augment_images_per_second",
-            "peak_memory_mb")
+            "flops_per_image", "peak_memory_mb")
 
 
 def bench_module():

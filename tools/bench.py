@@ -11,6 +11,8 @@ For each method and backbone, in this process, on one device (``--device``; auto
   ``data=synthetic``), timed from one ``on_train_batch_end`` to the next: batch fetch and transfer,
   on-device augmentation, heads, loss, online probe, backward, optimizer and scheduler step,
   EMA / queue update, Lightning's logging. images_per_second = batch_size / step.
+- flops_per_image (GFLOPs/img): the first training step's matmul / convolution / attention FLOPs, forward
+  and backward, per image (``ssl_vision.callbacks.Throughput``: every view, heads, momentum encoder, probe).
 - floor_ms: the backbone alone, forward + ``.sum().backward()``, on exactly the views the method
   trained on in that step: SimCLR one call on the 2B concatenated views; MoCo v2/v3 one call per view
   plus the momentum backbone's no-grad forward of each view; MAE the ViT's full-token forward of the
@@ -67,6 +69,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ssl_vision.callbacks import Throughput
 from ssl_vision.config import conf_dir
 from ssl_vision.data import SSLDataModule
 from ssl_vision.devices import apply_device_defaults, device_trainer_kwargs
@@ -356,11 +359,13 @@ def bench_one(method: str, backbone: str, image_size: int, batch_size: int, warm
     apply_device_defaults(cfg, cuda)  # as train.py: channels_last for ResNets and TF32 on GPUs
     model = build_method(cfg, dm.num_classes)  # as train.py: the online probe is part of the real path
     counter = HostSyncCounter(cuda)
+    throughput = Throughput()  # FLOPs of the first (warm-up) step; its hooks run before the timer's references
     timer = StepTimer(cuda, method, first_reference=warmup - 1, count_step=steps - 1, counter=counter)
     kwargs = device_trainer_kwargs(OmegaConf.to_container(cfg.trainer, resolve=True), cuda)  # as train.py
     kwargs.update(accelerator="gpu" if cuda else "cpu", devices=1, num_nodes=1, strategy="auto", sync_batchnorm=False,
                   max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
+                  enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                  callbacks=[throughput, timer])
     trainer = L.Trainer(**kwargs)
     baseline, memory_kind = memory_start(dev)
     trainer.fit(model, datamodule=dm)
@@ -379,6 +384,7 @@ def bench_one(method: str, backbone: str, image_size: int, batch_size: int, warm
         "images_per_second": batch_size / (step_ms / 1e3),
         "augment_ms": aug_ms, "augment_images_per_second": batch_size * len(model.augment.views) / (aug_ms / 1e3),
         "peak_memory_mb": peak_mb, "memory_kind": memory_kind, "floor_contains": FLOOR[method],
+        "flops_per_image": throughput.flops_per_image,
         "floor_samples_ms": times["floor"], "step_samples_ms": times["step"], "overrides": list(overrides),
     }
     record["host_syncs_per_step"], record["host_sync_sites"] = counter.summary()
@@ -394,15 +400,16 @@ def bench_one(method: str, backbone: str, image_size: int, batch_size: int, warm
 
 def markdown_table(records: list[dict]) -> str:
     """The records as a markdown table, one row per method + backbone."""
-    head = ["method", "backbone", "px", "batch", "floor ms", "step ms", "step/floor", "img/s", "aug img/s",
-            "peak MiB", "syncs step/aug/data/PL", "masked ms", "masked/full", "enc+dec ms", "step/(enc+dec)"]
+    head = ["method", "backbone", "px", "batch", "GFLOPs/img", "floor ms", "step ms", "step/floor", "img/s",
+            "aug img/s", "peak MiB", "syncs step/aug/data/PL", "masked ms", "masked/full", "enc+dec ms", "step/(enc+dec)"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         masked = [f"{r['masked_ms']:.1f}", f"{r['masked_over_full']:.3f}", f"{r['network_ms']:.1f}",
                   f"{r['step_over_network']:.3f}"] if "masked_ms" in r else [""] * 4
         n = r["host_syncs_per_step"]
         syncs = "/".join(str(n[c]) for c in ("step", "augment", "data", "lightning"))
-        cells = [r["method"], r["backbone"], str(r["image_size"]), str(r["batch_size"]), f"{r['floor_ms']:.1f}",
+        cells = [r["method"], r["backbone"], str(r["image_size"]), str(r["batch_size"]),
+                 f"{r['flops_per_image'] / 1e9:.3g}", f"{r['floor_ms']:.1f}",
                  f"{r['step_ms']:.1f}", f"{r['step_over_floor']:.3f}", f"{r['images_per_second']:.0f}",
                  f"{r['augment_images_per_second']:.0f}", f"{r['peak_memory_mb']:.0f}", syncs, *masked]
         rows.append("| " + " | ".join(cells) + " |")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import lightning as L
 import numpy as np
@@ -15,6 +16,27 @@ from .formats import BUILDERS, LABEL_SUBSET_DATA, LABEL_SUBSETS, imagenet_subset
 from .resume import EpochPosition, RecordedSeedSampler, ResumableLoader, train_batches_done
 
 log = logging.getLogger("ssl_vision.data")
+
+
+MAX_AUTO_WORKERS = 8  # decoding workers per process; more rarely helps one GPU and multiplies under DDP
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a SLURM or container limit), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity mask
+        return os.cpu_count() or 1
+
+
+def loader_workers(value) -> int:
+    """``data.num_workers``: an integer >= 0, or ``auto``: one fewer than this process's CPUs (one is the
+    training process's own), at most ``MAX_AUTO_WORKERS``; 0 on a single CPU."""
+    if value == "auto":
+        return max(0, min(MAX_AUTO_WORKERS, available_cpus() - 1))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"data.num_workers: must be an integer >= 0 or auto, got {value!r}")
+    return value
 
 
 class SSLDataModule(L.LightningDataModule):
@@ -124,7 +146,7 @@ class SSLDataModule(L.LightningDataModule):
 
     def _loader(self, dataset, shuffle: bool, drop_last: bool, batch_size=None, refill: bool = False,
                 loader=DataLoader, **kwargs):
-        workers = int(self.cfg.num_workers)
+        workers = loader_workers(self.cfg.get("num_workers", 0))
         # persistent workers take their base seed once, at the first iterator; from a private generator,
         # that draw stays off the global random stream, which a resumed run then continues exactly
         generator = torch.Generator().manual_seed(int(self.cfg.seed)) if workers > 0 else None
