@@ -145,10 +145,11 @@ def test_flops_per_image_counts_the_whole_training_step(make_cfg, overrides):
         (out["loss"] + probe_loss).backward()
     assert len(labels) == 16
     assert throughput.flops_per_image == by_hand.get_total_flops() / 16
-    # a step does more than one forward of the backbone on one view (forward, backward, every view)
+    # a step does more than one forward of the backbone on one view: forward and backward of every view;
+    # MAE's encoder sees a quarter of the tokens, but its online probe runs a no-grad full-image forward too
     with FlopCounterMode(display=False) as one_view:
         model.backbone(views[0][:1])
-    assert throughput.flops_per_image > 2 * one_view.get_total_flops()
+    assert throughput.flops_per_image > (1 if cfg.method.name == "mae" else 2) * one_view.get_total_flops()
 
 
 def test_mfu_uses_the_dense_peak_of_known_devices_only(monkeypatch):
