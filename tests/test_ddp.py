@@ -315,7 +315,8 @@ def test_cli_ddp_run_on_two_cpu_processes(tmp_path):
     every rank without a label); training and both evaluations finish; rank 0 alone writes the summary;
     the lr follows the global batch; the random-init baseline and the final evaluation each embed every
     image exactly once over the two ranks, rank 0 alone runs the probes, and the end-of-run probes equal a
-    1-process evaluation of the saved backbone."""
+    1-process evaluation of the saved backbone. The probe trains on steps 0 and 2 only (probe.every_n_steps=2):
+    DDP's gradient reduction still finishes on step 1, where the probe is left out."""
     import json
     import subprocess
     import sys
@@ -331,14 +332,14 @@ def test_cli_ddp_run_on_two_cpu_processes(tmp_path):
     script = Path(__file__).with_name("ddp_instrumented.py")
     r = subprocess.run([sys.executable, str(script), "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
                         "data=synthetic", "data.label_fraction=0.01", "backbone=resnet18_tiny", "trainer.max_epochs=1",
-                        "eval.linear.epochs=5", "eval.linear.augment_copies=2", "plots=false",
+                        "eval.linear.epochs=5", "eval.linear.augment_copies=2", "plots=false", "probe.every_n_steps=2",
                         "trainer.enable_progress_bar=false", f"hydra.run.dir={run}"],
                        capture_output=True, text=True, timeout=600, cwd=tmp_path,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "SSLV_TEST_RECORD": str(record)})
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert [p.relative_to(tmp_path) for p in tmp_path.rglob("summary.json")] == [run.relative_to(tmp_path) / "summary.json"]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["world_size"] == 2 and r.stdout.count('"world_size": 2') == 1  # printed by rank 0 only
+    assert summary["world_size"] == 2 and r.stdout.count('"linear_probe_top1"') == 1  # printed by rank 0 only
     assert summary["steps"] == 384 // (2 * 64)  # 384 training images, 64 per rank per step, drop_last
     assert 0.0 <= summary["online_probe_top1"] <= 1.0 and 0.0 <= summary["random_init_knn_top1"] <= 1.0
     assert 0.0 <= summary["online_knn_top1"] <= 1.0  # the online kNN's collectives ran on both ranks

@@ -183,6 +183,43 @@ def test_mae_trains_in_lightning_and_the_online_probe_learns(make_cfg):
     assert torch.isfinite(trainer.callback_metrics["train/loss_step"])
 
 
+class _ProbeWatch(L.Callback):
+    """Per training step: the probe's weight after the optimizer step, and how many full-token encoder passes ran."""
+
+    def __init__(self, model):
+        self.weights, self.full_passes, self._passes = [], [], 0
+        model.backbone.blocks[0].register_forward_hook(self._count)
+
+    def _count(self, module, inputs, output):
+        self._passes += inputs[0].shape[1] == 17  # class token + all 16 patches: not the masked encoder
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights.append(pl_module.probe[-1].weight.detach().clone())
+        self.full_passes.append(self._passes)
+        self._passes = 0
+
+
+def test_probe_every_n_steps_trains_the_probe_and_runs_maes_full_forward_on_due_steps_only(make_cfg):
+    """probe.every_n_steps=3: the probe's weights move at steps 0, 3, 6 only (no momentum drift on the
+    others, where AdamW's moments would move them on a zero gradient) and MAE's no-grad full-image forward runs on those steps alone; a bad value is one line."""
+    cfg = make_cfg(*TINY_MAE, "data.batch_size=16", "probe.every_n_steps=3",
+                   "eval.online_knn.every_n_epochs=0")  # (its bank would need the features every step); AdamW: a zero gradient would still move
+    torch.manual_seed(0)
+    model = build_method(cfg, 4)
+    start = model.probe[-1].weight.detach().clone()
+    watch = _ProbeWatch(model)
+    trainer = L.Trainer(max_steps=7, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[watch])
+    trainer.fit(model, datamodule=SSLDataModule(cfg.data))
+    before = [start] + watch.weights[:-1]
+    moved = [not torch.equal(w, b) for w, b in zip(watch.weights, before)]
+    assert moved == [True, False, False, True, False, False, True]
+    assert watch.full_passes == [1, 0, 0, 1, 0, 0, 1]
+    with pytest.raises(ConfigError, match="probe.every_n_steps"):
+        build_method(make_cfg(*TINY_MAE, "probe.every_n_steps=-2"), 4)
+
+
 def xavier_bound(fan_out: int, fan_in: int) -> float:
     return math.sqrt(6.0 / (fan_in + fan_out))
 

@@ -133,6 +133,9 @@ class SSLMethod(L.LightningModule, abc.ABC):
         # Its BatchNorm stays per rank (LocalBatchNorm1d) under trainer.sync_batchnorm
         self.probe = nn.Sequential(LocalBatchNorm1d(self.feat_dim),
                                    nn.Linear(self.feat_dim, num_classes)) if num_classes > 0 else None
+        self.probe_every = int(cfg.get("probe", {}).get("every_n_steps", 1) or 1)
+        if self.probe_every < 1:
+            raise ConfigError(f"probe.every_n_steps: {self.probe_every} must be a positive number of steps (1: every step)")
         if self.probe is not None:
             # validate_args=False: the argument checks read label values on the host at every batch
             self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False)
@@ -300,7 +303,11 @@ class SSLMethod(L.LightningModule, abc.ABC):
         # the progress bar shows the last epoch's mean: Lightning reads progress-bar values on the host
         # after every batch, so a per-step value there would be a host sync per step
         self.log("loss", loss, on_step=False, on_epoch=True, prog_bar=True, logger=False, batch_size=images)
-        if self.probe is not None:
+        if self.probe is not None and not self.probe_due():
+            # every rank skips the same steps; a zero term keeps the probe's parameters in DDP's gradient
+            # reduction, and on_before_optimizer_step drops their (zero) gradients so the optimizer leaves them
+            loss = loss + 0.0 * sum(p.sum() for p in self.probe.parameters())
+        elif self.probe is not None:
             probe_loss, correct, labelled = self.online_probe(out["feats"], labels)
             # epoch means over the labelled samples of all ranks (count-weighted)
             self.log("train/probe_loss", probe_loss, on_step=False, on_epoch=True, sync_dist=True,
@@ -322,6 +329,21 @@ class SSLMethod(L.LightningModule, abc.ABC):
         n = int(self.cfg.data.batch_size)
         views = [v.new_zeros((n, *v.shape[1:])) for v in views]
         return views, torch.full((n,), -1, dtype=torch.long, device=views[0].device)
+
+    def probe_due(self) -> bool:
+        """Whether this training step trains the online probe: every ``probe.every_n_steps``-th optimizer step
+        (1: all). Larger values amortize its cost (MAE's probe needs a no-grad full-image forward of its own)."""
+        return self.probe is not None and self.global_step % self.probe_every == 0
+
+    def features_needed(self) -> bool:
+        """Whether this training step reads the backbone features of the first view (the online probe, or the
+        online kNN's bank): a method that computes them only for these (MAE) skips them otherwise."""
+        return self.probe_due() or (self.online_knn is not None and self.online_knn.due(self.current_epoch))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.probe is not None and not self.probe_due():
+            for p in self.probe.parameters():  # a step without the probe: no update (nor momentum, nor decay)
+                p.grad = None
 
     def online_probe(self, feats: torch.Tensor, labels: torch.Tensor):
         """The online probe's (loss, correct, labelled) on detached ``feats`` (B, D); label -1 = unlabelled.

@@ -134,6 +134,8 @@ class MAE(SSLMethod):
         latent, mask, ids_restore = self.encode(images, float(m.mask_ratio))
         pred = self.decode(latent, ids_restore)
         loss = mae_loss(pred, patchify(images, self.patch), mask, bool(m.norm_pix_loss))
-        with torch.no_grad():  # the online probe reads the encoder on the whole, unmasked image
-            feats = self.backbone(images)
+        feats = None
+        if not self.training or self.features_needed():
+            with torch.no_grad():  # the online probe (and kNN bank) read the encoder on the whole, unmasked image
+                feats = self.backbone(images)
         return {"loss": loss, "feats": feats, "mask": mask, "pred": pred}
