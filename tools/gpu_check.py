@@ -29,9 +29,8 @@ skipped (and recorded so), and the probes size themselves to the time left.
   against one process on the CPU; with 2+ GPUs, 2 NCCL ranks with SyncBatchNorm against one process on the GPU;
   on the CPU lane, 2 gloo ranks against one process.
 - ``step_floor``: ``tools/bench.py``'s measure (``bench_one``) for SimCLR ResNet-50 and MAE ViT-B/16 at batch
-  256 in bf16-mixed; for MAE also the online probe's cost (its no-grad full-image forward and head, timed
-  alone) and the step with the probe every N steps (``--probe-every``) derived from it: ssl_vision has no setting
-  that runs the online probe less often, so no Trainer step can be timed that way.
+  256 in bf16-mixed; for MAE also the Trainer step with the online probe every N steps (``--probe-every``,
+  ``probe.every_n_steps=N``, the online kNN off), the mean over whole periods of N steps.
 - ``end_to_end``: images/s of SimCLR (ResNet-18, ResNet-50; 224 px, batch 256, bf16-mixed) fed by this suite's
   data path (JPEG decode in workers -> uint8 canvas -> device augmentation) against the same model fed by the
   peers' pipeline (torchvision transforms in DataLoader workers, ``tools/peer_pipeline.py``), same images,
@@ -261,8 +260,9 @@ def _step_floor_rows(r, tv):
                    f"{run['step_over_network']:.3f}; floor {run['floor_ms']:.1f} ms", "(info)", "")
             t = tv["mae_step_over_network_amortized"]
             yield (head + f", probe every {run['probe_every']} steps",
-                   f"(step - {1 - 1 / run['probe_every']:.2f} x probe {run['probe_ms']:.1f} ms) / enc+dec = "
-                   f"{run['amortized_step_over_network']:.3f} (derived)", t["target"], t["verdict"])
+                   f"mean step {run['amortized_step_ms']:.1f} / enc+dec {run['amortized_network_ms']:.1f} ms = "
+                   f"{run['amortized_step_over_network']:.3f} (probe.every_n_steps={run['probe_every']})",
+                   t["target"], t["verdict"])
         else:
             t = tv["simclr_step_over_floor"] if run["method"] == "simclr" else {"target": "", "verdict": ""}
             yield (head, f"step {run['step_ms']:.1f} / floor {run['floor_ms']:.1f} ms = {run['step_over_floor']:.3f}",

@@ -424,36 +424,6 @@ def autocast(precision: str, device):
     return contextlib.nullcontext()
 
 
-def mae_probe_ms(ctx, backbone: str, batch: int, image_size: int, overrides: list[str], warmup: int, repeats: int,
-                 precision: str) -> list[float]:
-    """Milliseconds of what MAE's online probe adds to a step, timed alone as ``bench.py`` times its references:
-    the encoder's no-grad forward of the whole unmasked images (``MAE.forward_views``' ``feats``) and the probe
-    head's forward + backward (``SSLMethod.online_probe``), at the step's precision."""
-    import bench
-
-    from ssl_vision.devices import apply_device_defaults
-    from ssl_vision.methods import build_method
-
-    cfg = bench.compose_cfg("mae", backbone, image_size, batch, steps=1, patch_size="auto", extra=overrides)
-    apply_device_defaults(cfg, ctx.cuda)
-    model = build_method(cfg, int(cfg.data.num_classes)).to(ctx.device)
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, generator=g)
-    with torch.no_grad():
-        view = model.augment(images.to(ctx.device))[0]
-    labels = (torch.arange(batch) % int(cfg.data.num_classes)).to(ctx.device)
-
-    def probe():
-        model.zero_grad(set_to_none=True)
-        with autocast(precision, ctx.device):
-            with torch.no_grad():
-                feats = model.backbone(view)
-            loss = model.online_probe(feats, labels)[0]
-        loss.backward()
-
-    return bench.time_ms(probe, warmup, repeats, ctx.cuda)
-
-
 def free_memory(ctx) -> None:
 
     gc.collect()
@@ -479,16 +449,19 @@ def section_step_floor(ctx) -> dict:
             r = bench.bench_one(method, backbone, p["image_size"], batch, warmup=p["warmup"], repeats=p["repeats"],
                                 device="cuda" if ctx.cuda else "cpu", patch_size="auto", overrides=overrides)
             r.update(status="ok", precision=p["precision"])
-            if method == "mae":
-                times = mae_probe_ms(ctx, backbone, batch, p["image_size"], overrides, p["warmup"], p["repeats"],
-                                     p["precision"])
+            if method == "mae":  # the same step with the online probe every N steps (probe.every_n_steps=N)
                 n = int(ctx.args.probe_every)
-                probe = statistics.median(times)
-                r.update(probe_ms=probe, probe_samples_ms=times, probe_every=n,
-                         amortized_step_ms=r["step_ms"] - (1 - 1 / n) * probe)
-                r["amortized_step_over_network"] = r["amortized_step_ms"] / r["network_ms"]
-                r["amortized_how"] = ("derived: step_ms - (1 - 1/N) x probe_ms; ssl_vision has no setting that runs "
-                                      "the online probe every N steps, so the Trainer step always includes it")
+                cycles = max(1, math.ceil(p["repeats"] / n))  # whole periods: each timed N steps hold one probe
+                amortized = bench.bench_one(method, backbone, p["image_size"], batch, warmup=p["warmup"],
+                                            repeats=cycles * n, device="cuda" if ctx.cuda else "cpu",
+                                            patch_size="auto", overrides=[*overrides, f"probe.every_n_steps={n}",
+                                                                          "eval.online_knn.every_n_epochs=0"])
+                step = statistics.fmean(amortized["step_samples_ms"])
+                r.update(probe_every=n, amortized_step_ms=step, amortized_network_ms=amortized["network_ms"],
+                         amortized_step_samples_ms=amortized["step_samples_ms"],
+                         amortized_step_over_network=step / amortized["network_ms"],
+                         amortized_how=f"measured: the Trainer step with probe.every_n_steps={n} and the online kNN "
+                                       f"off, the mean of {cycles * n} consecutive steps over the median enc+dec")
         except Exception as e:  # noqa: BLE001 - recorded; the next run goes on
             r = {"method": method, "backbone": backbone, "status": "failed", "error": one_line(e)}
         runs.append(r)
@@ -631,40 +604,26 @@ def section_end_to_end(ctx) -> dict:
 
 
 # --- section: probes (ssl_vision.evaluation on ImageNet-sized features) ---------------------------------------
-# The two calls into the evaluation API live here: adapt them when it changes (issue 15 moves the probes onto the
-# device, chunked). Everything else in the section is measurement.
+# The features live in host memory, as extraction leaves them; the probes stream them to ``ctx.device``
+# ``eval.chunk_mb`` at a time (ssl_vision.evaluation), so device memory stays bounded whatever the data size.
 
 
-def linear_probe_epoch(train_x, train_y, val_x, val_y, num_classes: int, ecfg) -> dict:
-    """One epoch of the offline linear probe with the protocol of ``ecfg`` (an ``eval`` config)."""
-    from ssl_vision.evaluation import linear_probe, linear_probe_options
+def linear_probe_epoch(train_x, train_y, val_x, val_y, num_classes: int, ecfg, device) -> dict:
+    """One epoch of the offline linear probe with the protocol of ``ecfg`` (an ``eval`` config) on ``device``."""
+    from ssl_vision.evaluation import linear_probe, linear_probe_options, probe_chunk_mb
 
     return linear_probe(train_x, train_y, val_x, val_y, num_classes, seed=int(ecfg.seed),
-                        **{**linear_probe_options(ecfg.linear), "epochs": 1})
+                        **{**linear_probe_options(ecfg.linear), "epochs": 1}, device=device,
+                        chunk_mb=probe_chunk_mb(ecfg))
 
 
-def knn_top1(train_x, train_y, queries, query_y, num_classes: int, ecfg) -> float:
-    """The kNN top-1 of ``queries`` against the bank ``train_x`` (the first ``eval.knn.k``)."""
-    from ssl_vision.evaluation import accuracy, knn_scores
+def knn_top1(train_x, train_y, queries, query_y, num_classes: int, ecfg, device) -> float:
+    """The kNN top-1 of ``queries`` against the bank ``train_x`` (the first ``eval.knn.k``) on ``device``."""
+    from ssl_vision.evaluation import knn_accuracy, probe_chunk_mb
 
-    scores = knn_scores(train_x, train_y, queries, num_classes, int(ecfg.knn.k[0]), float(ecfg.knn.temperature))
-    return accuracy(scores.to(query_y.device), query_y, num_classes, 1)
-
-
-def probe_placement(ctx, ecfg):
-    """The device the probes take their features on: ``ctx.device`` when ``ssl_vision.evaluation`` runs them
-    there, else the CPU (today: the probes make their head and votes on the CPU); (device, why not the GPU)."""
-
-    if not ctx.cuda:
-        return ctx.device, None
-    x = torch.randn(64, 8, device=ctx.device)
-    y = torch.arange(64, device=ctx.device) % 2
-    try:
-        linear_probe_epoch(x, y, x, y, 2, ecfg)
-        knn_top1(x, y, x, y, 2, ecfg)
-        return ctx.device, None
-    except (RuntimeError, TypeError, ValueError) as e:
-        return torch.device("cpu"), f"ssl_vision.evaluation's probes need CPU tensors here ({one_line(e)})"
+    k = int(ecfg.knn.k[0])
+    return knn_accuracy(train_x, train_y, queries, query_y, num_classes, [k], float(ecfg.knn.temperature), device,
+                        probe_chunk_mb(ecfg))[k]
 
 
 def synthetic_features(n: int, dim: int, classes: int, device, seed: int, maker=None):
@@ -707,21 +666,22 @@ def section_probes(ctx) -> dict:
     p = ctx.plan["probes"]
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         ecfg = compose(config_name="train", overrides=["eval=default"]).eval
-    device, why = probe_placement(ctx, ecfg)
+    device, host = ctx.device, torch.device("cpu")
     n, dim, classes, queries = p["rows"], p["dim"], p["classes"], p["queries"]
     out = {"status": "ok", "probe_device": device.type, "features": [n, dim], "classes": classes, "queries": queries,
-           "features_mib": n * dim * 4 / 2**20, "protocol": "eval=default: linear 1 epoch; kNN the first eval.knn.k",
-           "memory": "peak of making the training features and running the probe on them (the queries excluded)"}
-    if why:
-        out["note"] = why + "; the figures are CPU figures until the probes run on the device"
-    val_x, val_y = synthetic_features(queries, dim, classes, device, seed=1, maker=ctx.device)
+           "features_mib": n * dim * 4 / 2**20, "chunk_mb": float(ecfg.chunk_mb),
+           "protocol": "eval=default: linear 1 epoch; kNN the first eval.knn.k; features in host memory, streamed "
+                       "to the device eval.chunk_mb at a time",
+           "memory": "peak device memory of the probe (GPU), or the growth of the process's peak RSS (CPU: the "
+                     "host features included)"}
+    val_x, val_y = synthetic_features(queries, dim, classes, host, seed=1, maker=ctx.device)
 
     # the linear probe: one epoch over all the features when a pilot on fewer rows says it fits the time left
     rows = min(n, p["pilot_rows"])
     while True:
         res, seconds, peak, kind = measured(
-            device, lambda: synthetic_features(rows, dim, classes, device, seed=0, maker=ctx.device),
-            lambda xy: linear_probe_epoch(*xy, val_x, val_y, classes, ecfg))
+            device, lambda: synthetic_features(rows, dim, classes, host, seed=0, maker=ctx.device),
+            lambda xy: linear_probe_epoch(*xy, val_x, val_y, classes, ecfg, device))
         gc.collect()
         full = seconds * n / rows
         if rows == n or full > 0.4 * ctx.left():
@@ -735,17 +695,17 @@ def section_probes(ctx) -> dict:
     bank = {}
 
     def make_bank():
-        bank["xy"] = synthetic_features(n, dim, classes, device, seed=0, maker=ctx.device)
+        bank["xy"] = synthetic_features(n, dim, classes, host, seed=0, maker=ctx.device)
         return bank["xy"]
 
     q = min(queries, p["pilot_queries"])
     top1, seconds, peak, kind = measured(device, make_bank,
-                                         lambda xy: knn_top1(*xy, val_x[:q], val_y[:q], classes, ecfg))
+                                         lambda xy: knn_top1(*xy, val_x[:q], val_y[:q], classes, ecfg, device))
     full = seconds * queries / q
     if q < queries and full < 0.6 * ctx.left():
         q = queries
         top1, full, _, _ = measured(device, lambda: bank["xy"],
-                                    lambda xy: knn_top1(*xy, val_x, val_y, classes, ecfg))
+                                    lambda xy: knn_top1(*xy, val_x, val_y, classes, ecfg, device))
     out["knn"] = {"what": f"kNN (k={int(ecfg.knn.k[0])}), {queries:,} queries against {n:,} x {dim}",
                   "seconds": full, "rows_timed": q, "extrapolated": q < queries, "peak_memory_mb": peak,
                   "memory_kind": kind, "top1": top1, "device": device.type}
