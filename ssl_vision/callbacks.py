@@ -182,6 +182,7 @@ class LastCheckpoint(L.Callback):
             bad = [n for n, p in trainer.lightning_module.named_parameters() if not torch.isfinite(p).all()]
             if bad:  # never replace the last good checkpoint with a broken state
                 raise FloatingPointError(f"non-finite weights after step {trainer.global_step} (e.g. {bad[0]})")
+            self._write_step_row(trainer)
             for logger in trainer.loggers:  # the metrics up to this step are on disk with the checkpoint
                 logger.save()
             trainer.save_checkpoint(self.path, weights_only=False)  # full state: resumable
@@ -208,6 +209,31 @@ class LastCheckpoint(L.Callback):
             raise CheckpointWriteError(error)
         if fresh:
             self._saved_step = self._written_step = trainer.global_step
+
+    @staticmethod
+    def _write_step_row(trainer) -> None:
+        """Write this step's metrics.csv row now, when a save at a batch's end precedes it: Lightning logs a step's
+        metrics only after the ``on_train_batch_end`` hooks, so a kill between the checkpoint and that row
+        would leave a resumed run's metrics.csv without it. ``RunCSVLogger`` then skips Lightning's own call
+        for the step; the other loggers get theirs as usual (Lightning's private logger connector, pinned)."""
+        csv_loggers = [lg for lg in trainer.loggers if isinstance(lg, RunCSVLogger)]
+        connector, loop = trainer._logger_connector, trainer.fit_loop
+        progress = loop.epoch_loop.batch_progress.current
+        in_batch_end = trainer.training and progress.processed > progress.completed  # not at an epoch's end
+        if not csv_loggers or not in_batch_end \
+                or (loop._should_accumulate() and trainer.lightning_module.automatic_optimization) \
+                or not connector.should_update_logs:
+            return
+        from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
+
+        metrics = convert_tensors_to_scalars(connector.metrics["log"])
+        if not metrics:
+            return
+        metrics.setdefault("epoch", trainer.current_epoch)
+        step = loop.epoch_loop._batches_that_stepped  # the step Lightning's own call will give this row
+        for logger in csv_loggers:
+            logger.log_metrics(metrics, step=step)
+            logger.written_ahead = step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
@@ -442,6 +468,13 @@ class RunCSVLogger(CSVLogger):
     def __init__(self, save_dir: str, resume_step: int | None = None):
         super().__init__(save_dir, name="", version="")
         self.resume_step = resume_step
+        self.written_ahead: int | None = None  # a step whose row LastCheckpoint wrote before its checkpoint
+
+    def log_metrics(self, metrics, step=None) -> None:
+        if step is not None and step == self.written_ahead:  # Lightning's own call for that row: written already
+            self.written_ahead = None
+            return
+        super().log_metrics(metrics, step)
 
     @property
     def experiment(self):

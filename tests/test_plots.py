@@ -110,7 +110,9 @@ def test_embedding_rejects_mismatched_labels(tmp_path):
 
 
 def test_a_failing_plot_is_one_warning_and_the_others_are_written(tmp_path, caplog):
-    """No metrics.csv: the curves fail with one warning; the embedding is still written and listed."""
+    """An unreadable metrics.csv: the curves fail with one warning; the embedding is still written and listed.
+    (Without a metrics.csv - no csv logger - there are no curves to draw, and no warning.)"""
+    (tmp_path / "metrics.csv").write_text("step,train/loss_step\nabc,xyz\n")
     written = write_plots(tmp_path, clustered(), ["a", "b", "c"])
     assert written == [str(tmp_path / "embedding.png")]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
