@@ -232,8 +232,9 @@ class LastCheckpoint(L.Callback):
         metrics.setdefault("epoch", trainer.current_epoch)
         step = loop.epoch_loop._batches_that_stepped  # the step Lightning's own call will give this row
         for logger in csv_loggers:
-            logger.log_metrics(metrics, step=step)
-            logger.written_ahead = step
+            if logger.last_step != step:  # (a stop on a signal has Lightning log the step before it saves)
+                logger.log_metrics(metrics, step=step)
+                logger.written_ahead = step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
@@ -469,12 +470,14 @@ class RunCSVLogger(CSVLogger):
         super().__init__(save_dir, name="", version="")
         self.resume_step = resume_step
         self.written_ahead: int | None = None  # a step whose row LastCheckpoint wrote before its checkpoint
+        self.last_step: int | None = None  # the step of the last row written
 
     def log_metrics(self, metrics, step=None) -> None:
         if step is not None and step == self.written_ahead:  # Lightning's own call for that row: written already
             self.written_ahead = None
             return
         super().log_metrics(metrics, step)
+        self.last_step = step
 
     @property
     def experiment(self):
