@@ -1,36 +1,64 @@
-"""Multi-view Kornia augmentation, built from config and run on the device on the whole batch.
+"""Multi-view augmentation on the device, on the whole batch, with per-sample keyed random draws.
 
-The DataLoader only delivers fixed-size uint8 canvases; ``MultiViewAugment`` turns such a batch
-into the list of augmented, normalized float views (one Kornia pipeline per view, so views can have
-their own parameters, as MoCo v3 and BYOL need). ``EvalTransform`` is the deterministic
-counterpart used for validation and feature extraction, ``ProbeCrops`` the per-sample fixed
-random crops the offline linear probe trains on.
+The DataLoader delivers uint8 canvases and each image's size on its canvas (``ssl_vision.data``).
+``MultiViewAugment`` turns such a batch into the list of augmented, normalized float views, as the
+references' torchvision pipelines do image by image:
 
-View settings (every key can be given per view under ``augment.views.<name>``):
+1. **Crop geometry over each image's own extent**: each view's box is drawn with torchvision's
+   ``RandomResizedCrop.get_params`` algorithm (area in ``crop_scale`` of the *original* image,
+   log-uniform ratio, 10 tries, centre-crop fallback) in original pixels, mapped onto the canvas, and
+   resized to the view's own ``size`` with the antialiased bilinear / bicubic filter of
+   torchvision's ``resize(antialias=True)`` (PIL's), reading only the pixels inside the box. The
+   horizontal flip is the same resize read right to left.
+2. **Photometric ops** with torchvision's formulas, in its order: colour jitter (brightness,
+   contrast, saturation, hue in a random order per image), grayscale, Gaussian blur, solarize, then
+   normalization. Hue goes through Kornia's HSV conversion and blur through Kornia's Gaussian filter.
 
-- ``crop_scale`` [min, max] area fraction of RandomResizedCrop, ``crop_ratio`` aspect range
+Every draw is keyed by (seed, epoch, sample index, view) (``ssl_vision.rng``): ``plan`` computes
+all of a batch's parameters on the CPU from its sizes and indexes (a few hundred numbers per image,
+before the batch moves), ``apply`` runs them on the device without a host sync (an op with
+probability p < 1 runs on the images that drew it, by index lists known on the host).
+
+View settings (any key per view under ``augment.views.<name>``, or for all under ``augment.all_views``):
+
+- ``size``: output side in pixels (default ``data.image_size``: a global view; smaller: a local view)
+- ``crop_scale`` [min, max] area fraction, ``crop_ratio`` aspect range, ``interpolation``
+  (``bilinear`` | ``bicubic``)
 - ``flip_prob``
 - ``jitter_prob``, ``brightness``, ``contrast``, ``saturation``, ``hue``
 - ``grayscale_prob``
-- ``blur_prob``, ``blur_sigma`` [min, max]; blur is only applied when the crop is at least
-  ``blur_min_size`` pixels (the CIFAR-style references drop blur on small images)
-- ``solarize_prob``
+- ``blur_prob``, ``blur_sigma`` [min, max], ``blur_kernel`` (``auto``: the odd kernel that covers
+  +-3 sigma_max, 13 for sigma <= 2 - the full Gaussian of PIL's ``GaussianBlur(radius=sigma)`` that
+  MoCo, solo-learn and DINO use, and which SimCLR / BYOL's 10%-of-224 kernel (23) contains at these
+  sigmas; or an odd int); blur is only applied to views of at least ``blur_min_size`` pixels
+- ``solarize_prob`` (pixels >= 0.5 inverted, PIL's ``solarize(threshold=128)``)
+
+Differences from the references, all below what an experiment can measure: the ops run in float on
+the canvas, not on 8-bit PIL images re-quantized after each op; the canvas holds each image at
+``min(1, data.canvas_size / long side)`` of its resolution (``ssl_vision.data.decoding``).
+
+``EvalTransform`` is the deterministic counterpart (a centre crop of ``crop_fraction`` of the short
+side, resized: 0.875 is the references' resize-to-256-then-crop-224; 1.0 the whole square image of
+CIFAR / STL-10 / digits), ``ProbeCrops`` the per-sample fixed random crops the offline linear probe
+trains on.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
-import math
-
-import kornia.augmentation as K
+import kornia
 import torch
-from kornia.geometry.transform import crop_and_resize
 from torch import nn
 
+from .rng import keyed_uniform
+
 DEFAULT_VIEW = {
+    "size": None,
     "crop_scale": [0.08, 1.0],
     "crop_ratio": [3 / 4, 4 / 3],
+    "interpolation": "bilinear",
     "flip_prob": 0.5,
     "jitter_prob": 0.8,
     "brightness": 0.4,
@@ -40,9 +68,18 @@ DEFAULT_VIEW = {
     "grayscale_prob": 0.2,
     "blur_prob": 0.0,
     "blur_sigma": [0.1, 2.0],
+    "blur_kernel": "auto",
     "blur_min_size": 96,
     "solarize_prob": 0.0,
 }
+INTERPOLATIONS = ("bilinear", "bicubic")
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+CROP_TRIES = 10
+
+# positions of each draw in a view's stream of uniforms (per sample)
+_U_CROP, _U_FLIP, _U_JITTER, _U_FACTORS, _U_ORDER = 0, 4 * CROP_TRIES, 4 * CROP_TRIES + 1, 4 * CROP_TRIES + 2, 4 * CROP_TRIES + 6
+_U_GRAY, _U_BLUR, _U_SIGMA, _U_SOLARIZE = _U_ORDER + 4, _U_ORDER + 5, _U_ORDER + 6, _U_ORDER + 7
+_U_COUNT = _U_SOLARIZE + 1
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -52,119 +89,367 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float()
 
 
-def view_pipeline(size: int, view: Mapping, mean, std) -> nn.Sequential:
-    """One view's Kornia pipeline: crop, flip, jitter, grayscale, blur, solarize, normalize."""
-    unknown = set(view) - set(DEFAULT_VIEW)
-    if unknown:
-        from .config import ConfigError
+def _config_error(message: str):
+    from .config import ConfigError
 
-        raise ConfigError(
-            f"augment.views: unknown setting(s) {sorted(unknown)}; valid: {', '.join(DEFAULT_VIEW)}"
-        )
-    v = {**DEFAULT_VIEW, **view}
-    ops: list[nn.Module] = [
-        K.RandomResizedCrop((size, size), scale=tuple(v["crop_scale"]), ratio=tuple(v["crop_ratio"])),
-    ]
-    if v["flip_prob"] > 0:
-        ops.append(K.RandomHorizontalFlip(p=v["flip_prob"]))
-    if v["jitter_prob"] > 0:
-        ops.append(
-            K.ColorJitter(v["brightness"], v["contrast"], v["saturation"], v["hue"], p=v["jitter_prob"])
-        )
-    if v["grayscale_prob"] > 0:
-        ops.append(K.RandomGrayscale(p=v["grayscale_prob"]))
-    if v["blur_prob"] > 0 and size >= v["blur_min_size"]:
-        kernel = int(0.1 * size) // 2 * 2 + 1  # 10% of the image, odd, as in SimCLR
-        ops.append(K.RandomGaussianBlur((kernel, kernel), tuple(v["blur_sigma"]), p=v["blur_prob"]))
-    if v["solarize_prob"] > 0:
-        ops.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=v["solarize_prob"]))
-    ops.append(K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std)))
-    return nn.Sequential(*ops)
+    return ConfigError(message)
+
+
+# --- geometry ---------------------------------------------------------------------------------------
+
+
+def random_resized_crop_boxes(u: torch.Tensor, height: torch.Tensor, width: torch.Tensor,
+                              scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """torchvision's ``RandomResizedCrop.get_params`` for a batch, from given uniforms.
+
+    u: (B, 4 * 10) uniforms in [0, 1) (area, log-ratio, top, left for each of the 10 tries);
+    height, width: (B,) the original images' sizes. Returns (B, 4) float64 boxes ``(x0, y0, x1, y1)``
+    in original pixels: integer edges, exactly as torchvision computes ``(i, j, h, w)`` from the same
+    draws (first try whose box fits, else the centre crop clamped to the ratio range).
+    """
+    u = u.double().view(-1, CROP_TRIES, 4)
+    h_img, w_img = height.double()[:, None], width.double()[:, None]
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    target = h_img * w_img * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    w = torch.round(torch.sqrt(target * aspect))  # round half to even, as Python's round
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= w_img) & (h > 0) & (h <= h_img)
+    top = torch.floor(u[..., 2] * (h_img - h + 1))  # torch.randint(0, H - h + 1)
+    left = torch.floor(u[..., 3] * (w_img - w + 1))
+    first = fits.int().argmax(dim=1, keepdim=True)  # the first try that fits (0 if none)
+    pick = lambda t: t.gather(1, first)[:, 0]  # noqa: E731
+    # fallback: the whole image, clamped to the ratio range, centred
+    h0, w0 = height.double(), width.double()
+    in_ratio = w0 / h0
+    fw = torch.where(in_ratio > max(ratio), torch.round(h0 * max(ratio)), w0)
+    fh = torch.where(in_ratio < min(ratio), torch.round(w0 / min(ratio)), h0)
+    ftop, fleft = torch.div(h0 - fh, 2, rounding_mode="floor"), torch.div(w0 - fw, 2, rounding_mode="floor")
+    found = fits.any(dim=1)
+    y0 = torch.where(found, pick(top), ftop)
+    x0 = torch.where(found, pick(left), fleft)
+    bh = torch.where(found, pick(h), fh)
+    bw = torch.where(found, pick(w), fw)
+    return torch.stack([x0, y0, x0 + bw, y0 + bh], dim=1)
+
+
+def center_boxes(sizes: torch.Tensor, fraction: float) -> torch.Tensor:
+    """(B, 4) canvas boxes: a centred square of ``fraction`` x the short side of each image's extent."""
+    h, w = sizes[:, 0].double(), sizes[:, 1].double()
+    side = fraction * torch.minimum(h, w)
+    x0, y0 = (w - side) / 2, (h - side) / 2
+    return torch.stack([x0, y0, x0 + side, y0 + side], dim=1)
+
+
+def whole_canvas(images: torch.Tensor) -> torch.Tensor:
+    """(B, 4) sizes of images that fill their canvas (in-memory data sets)."""
+    h, w = images.shape[-2:]
+    return torch.tensor([[h, w, h, w]], dtype=torch.long).expand(len(images), 4)
+
+
+def to_canvas(boxes: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Boxes in original pixels -> canvas pixels (the image was scaled by canvas/orig per axis)."""
+    sy = sizes[:, 0].double() / sizes[:, 2].double()
+    sx = sizes[:, 1].double() / sizes[:, 3].double()
+    return boxes.double() * torch.stack([sx, sy, sx, sy], dim=1)
+
+
+def _filter(t: torch.Tensor, kind: str) -> torch.Tensor:
+    t = t.abs()
+    if kind == "bilinear":  # triangle
+        return (1 - t).clamp_min(0)
+    a = -0.5  # PIL's (and torch's antialiased) bicubic
+    return torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                       torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, torch.zeros_like(t)))
+
+
+def resize_weights(start: torch.Tensor, stop: torch.Tensor, limit: torch.Tensor, n_in: int, n_out: int,
+                   kind: str = "bilinear") -> torch.Tensor:
+    """(B, n_out, n_in) weights resizing each sample's interval [start, stop) of an axis to n_out pixels.
+
+    PIL's resampling (which torchvision's ``resize(antialias=True)`` reproduces): output pixel o is
+    centred at ``start + (o + 0.5) * s`` with ``s = (stop - start) / n_out``; its filter is widened by
+    ``max(s, 1)`` (antialiasing when shrinking) and reads only the pixels of the interval (and below
+    ``limit``, the image's extent on the canvas), with weights normalized to sum to 1.
+    """
+    start, stop = start.float(), stop.float()
+    scale = (stop - start) / n_out
+    support = scale.clamp_min(1.0)
+    centers = start[:, None] + (torch.arange(n_out, device=start.device) + 0.5) * scale[:, None]  # (B, out)
+    pix = torch.arange(n_in, device=start.device, dtype=torch.float32) + 0.5
+    w = _filter((pix[None, None, :] - centers[:, :, None]) / support[:, None, None], kind)
+    lo = torch.floor(start + 1e-4)[:, None, None]
+    hi = torch.minimum(torch.ceil(stop - 1e-4), limit.float())[:, None, None]
+    w = w * ((pix[None, None, :] >= lo) & (pix[None, None, :] < hi))
+    total = w.sum(-1, keepdim=True)
+    return w / torch.where(total.abs() > 1e-8, total, torch.ones_like(total))
+
+
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, sizes: torch.Tensor, size: int,
+                 flip: torch.Tensor | None = None, kind: str = "bilinear") -> torch.Tensor:
+    """Crop each sample's canvas box ``(x0, y0, x1, y1)`` and resize it to ``size``: (B, C, size, size).
+
+    x: (B, C, H, W) float; boxes: (B, 4) canvas pixels; sizes: (B, >=2) extents ``(h, w)`` on the canvas;
+    flip: (B,) bool, mirror the crop left-right. Two batched matmuls with ``resize_weights``.
+    """
+    boxes = boxes.to(x.device)
+    sizes = sizes.to(x.device)
+    wy = resize_weights(boxes[:, 1], boxes[:, 3], sizes[:, 0], x.shape[-2], size, kind)
+    wx = resize_weights(boxes[:, 0], boxes[:, 2], sizes[:, 1], x.shape[-1], size, kind)
+    if flip is not None:
+        wx = torch.where(flip.to(x.device)[:, None, None], wx.flip(1), wx)
+    out = torch.matmul(torch.matmul(wy[:, None], x), wx.transpose(1, 2)[:, None])
+    return out.clamp_(0, 1) if kind == "bicubic" else out
+
+
+# --- photometric ops (torchvision's formulas) ---------------------------------------------------------
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def _per_sample(f: torch.Tensor) -> torch.Tensor:
+    return f.view(-1, 1, 1, 1)
+
+
+def adjust_brightness(x, f):
+    return (x * _per_sample(f)).clamp(0, 1)
+
+
+def adjust_contrast(x, f):
+    mean = grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
+    return (_per_sample(f) * x + (1 - _per_sample(f)) * mean).clamp(0, 1)
+
+
+def adjust_saturation(x, f):
+    return (_per_sample(f) * x + (1 - _per_sample(f)) * grayscale(x)).clamp(0, 1)
+
+
+def adjust_hue(x, f):
+    """Rotate the hue by ``f`` turns (torchvision's ``adjust_hue``), through Kornia's HSV conversion."""
+    hsv = kornia.color.rgb_to_hsv(x)
+    h = torch.remainder(hsv[:, :1] + _per_sample(f) * (2 * math.pi), 2 * math.pi)
+    return kornia.color.hsv_to_rgb(torch.cat([h, hsv[:, 1:]], dim=1)).clamp(0, 1)
+
+
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def blur_kernel_size(view: Mapping) -> int:
+    k = view["blur_kernel"]
+    if k in (None, "auto"):
+        return 2 * math.ceil(3 * float(view["blur_sigma"][1])) + 1
+    return int(k)
+
+
+# --- the views ------------------------------------------------------------------------------------------
+
+
+def _check_view(name: str, v: Mapping, image_size: int) -> dict:
+    unknown = set(v) - set(DEFAULT_VIEW)
+    if unknown:
+        raise _config_error(f"augment.views.{name}: unknown setting(s) {sorted(unknown)}; valid: {', '.join(DEFAULT_VIEW)}")
+    v = {**DEFAULT_VIEW, **v}
+    v["size"] = int(image_size if v["size"] in (None, "auto") else v["size"])
+    if not 0 < v["size"] <= image_size:
+        raise _config_error(f"augment.views.{name}.size: {v['size']} must be in 1..data.image_size ({image_size}); "
+                            "views at data.image_size are global, smaller ones local")
+    if v["interpolation"] not in INTERPOLATIONS:
+        raise _config_error(f"augment.views.{name}.interpolation: '{v['interpolation']}'; choose one of: "
+                            f"{', '.join(INTERPOLATIONS)}")
+    lo, hi = (float(s) for s in v["crop_scale"])
+    if not 0 < lo <= hi <= 1:
+        raise _config_error(f"augment.views.{name}.crop_scale: {[lo, hi]} must satisfy 0 < min <= max <= 1")
+    r0, r1 = (float(r) for r in v["crop_ratio"])
+    if not 0 < r0 <= r1:
+        raise _config_error(f"augment.views.{name}.crop_ratio: {[r0, r1]} must satisfy 0 < min <= max")
+    for key in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+        if not 0 <= float(v[key]) <= 1:
+            raise _config_error(f"augment.views.{name}.{key}: {v[key]} is not a probability in [0, 1]")
+    k = v["blur_kernel"]
+    if k not in (None, "auto") and (not str(k).isdigit() or int(k) % 2 == 0):
+        raise _config_error(f"augment.views.{name}.blur_kernel: {k!r}; use auto or an odd number of pixels")
+    return v
 
 
 class MultiViewAugment(nn.Module):
-    """uint8 batch (B, 3, H, W) -> list of normalized float views (B, 3, size, size)."""
+    """uint8 batch -> list of normalized float views, global views (``size == image_size``) first.
 
-    def __init__(self, size: int, views: Mapping[str, Mapping], mean, std):
+    ``plan(sizes, indexes, epoch)`` draws every parameter of every view on the CPU; ``apply(images,
+    plans)`` runs them on ``images``' device; ``forward`` does both.
+    """
+
+    def __init__(self, image_size: int, views: Mapping[str, Mapping], mean, std, seed: int = 0):
         super().__init__()
         if not views:
-            from .config import ConfigError
+            raise _config_error("augment.views: at least one view is needed")
+        self.image_size, self.seed = int(image_size), int(seed)
+        checked = {name: _check_view(name, dict(v or {}), self.image_size) for name, v in views.items()}
+        order = sorted(checked, key=lambda n: checked[n]["size"] != self.image_size)  # stable: globals first
+        self.names = order
+        self.views = [checked[n] for n in order]
+        self.num_global = sum(v["size"] == self.image_size for v in self.views)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
-            raise ConfigError("augment.views: at least one view is needed")
-        self.size = size
-        self.names = list(views)
-        self.pipelines = nn.ModuleList(view_pipeline(size, dict(views[n] or {}), mean, std) for n in self.names)
+    @property
+    def sizes(self) -> list[int]:
+        return [v["size"] for v in self.views]
+
+    def probabilities(self, i: int) -> dict[str, float]:
+        """The probability with which view ``i`` applies each random op (0: never), after its size rules."""
+        v = self.views[i]
+        jitter = any(float(v[k]) > 0 for k in ("brightness", "contrast", "saturation", "hue"))
+        return {"flip": float(v["flip_prob"]), "jitter": float(v["jitter_prob"]) if jitter else 0.0,
+                "grayscale": float(v["grayscale_prob"]),
+                "blur": float(v["blur_prob"]) if v["size"] >= int(v["blur_min_size"]) else 0.0,
+                "solarize": float(v["solarize_prob"])}
+
+    def stream(self, name: str) -> str:
+        return f"view:{name}"
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def plan(self, sizes: torch.Tensor, indexes: torch.Tensor, epoch: int = 0) -> list[dict]:
+        """Every random parameter of every view for one batch, on the CPU (``sizes`` (B, 4),
+        ``indexes`` (B,)). Each plan holds tensors for the device and the crop boxes in original
+        pixels (``boxes_orig``, for ``ssl-vision-views``)."""
+        sizes, indexes = sizes.cpu(), indexes.cpu()
+        return [self._plan_view(name, v, sizes, indexes, epoch) for name, v in zip(self.names, self.views)]
+
+    def _plan_view(self, name: str, v: dict, sizes, indexes, epoch: int) -> dict:
+        u = keyed_uniform(self.seed, epoch, indexes, self.stream(name), _U_COUNT)
+        orig = random_resized_crop_boxes(u[:, _U_CROP:_U_FLIP], sizes[:, 2], sizes[:, 3], v["crop_scale"],
+                                         v["crop_ratio"])
+        p = {"boxes": to_canvas(orig, sizes).float(), "boxes_orig": orig.long(),
+             "flip": u[:, _U_FLIP] < float(v["flip_prob"])}
+        ranges = [(max(0.0, 1 - float(v[k])), 1 + float(v[k])) for k in ("brightness", "contrast", "saturation")]
+        ranges.append((-float(v["hue"]), float(v["hue"])))
+        active = [float(v[k]) > 0 for k in ("brightness", "contrast", "saturation", "hue")]
+        jitter = (u[:, _U_JITTER] < float(v["jitter_prob"])) & any(active)
+        f = u[:, _U_FACTORS:_U_FACTORS + 4]
+        p["jitter_factors"] = torch.stack([lo + (hi - lo) * f[:, i] for i, (lo, hi) in enumerate(ranges)], dim=1)
+        order = u[:, _U_ORDER:_U_ORDER + 4].argsort(dim=1)  # a uniformly random permutation per image
+        step_ops = torch.where(jitter[:, None], order, torch.full_like(order, 4))  # 4: no jitter op
+        # host-side schedule: which ops any image needs at each step; hue runs only on its images
+        p["jitter_ops"] = step_ops
+        p["jitter_need"] = [[bool(active[k]) and bool((step_ops[:, t] == k).any()) for k in range(4)]
+                            for t in range(4)]
+        p["hue_index"] = [torch.nonzero(step_ops[:, t] == 3)[:, 0] for t in range(4)]
+        p["gray"] = u[:, _U_GRAY] < float(v["grayscale_prob"])
+        blur_on = v["size"] >= int(v["blur_min_size"]) and float(v["blur_prob"]) > 0
+        blur = (u[:, _U_BLUR] < float(v["blur_prob"])) & blur_on
+        s0, s1 = (float(s) for s in v["blur_sigma"])
+        p["blur_index"] = torch.nonzero(blur)[:, 0]
+        p["blur_sigma"] = (s0 + (s1 - s0) * u[:, _U_SIGMA])[p["blur_index"]]
+        p["solarize"] = u[:, _U_SOLARIZE] < float(v["solarize_prob"])
+        return p
+
+    @torch.no_grad()
+    def apply(self, images: torch.Tensor, sizes: torch.Tensor, plans: list[dict]) -> list[torch.Tensor]:
         x = to_float(images)
-        return [p(x) for p in self.pipelines]
+        return [self._apply_view(x, sizes, v, p) for v, p in zip(self.views, plans)]
+
+    def _apply_view(self, x, sizes, v: dict, p: dict) -> torch.Tensor:
+        dev = x.device
+        y = resized_crop(x, p["boxes"], sizes, v["size"], p["flip"], v["interpolation"])
+        factors, ops = p["jitter_factors"].to(dev), p["jitter_ops"].to(dev)
+        for t in range(4):
+            need = p["jitter_need"][t]
+            for k in range(3):  # brightness, contrast, saturation: cheap, computed for all, selected per image
+                if need[k]:
+                    y = torch.where((ops[:, t] == k).view(-1, 1, 1, 1), JITTER_OPS[k](y, factors[:, k]), y)
+            if need[3]:  # hue: only on the images whose step t is hue
+                idx = p["hue_index"][t].to(dev)
+                y = y.index_copy(0, idx, adjust_hue(y.index_select(0, idx), factors.index_select(0, idx)[:, 3]))
+        gray = p["gray"].to(dev)
+        if float(v["grayscale_prob"]) > 0:
+            y = torch.where(gray.view(-1, 1, 1, 1), grayscale(y).expand_as(y), y)
+        if len(p["blur_index"]):
+            idx, sigma = p["blur_index"].to(dev), p["blur_sigma"].to(dev)
+            k = blur_kernel_size(v)
+            blurred = kornia.filters.gaussian_blur2d(y.index_select(0, idx), (k, k), torch.stack([sigma, sigma], 1),
+                                                     border_type="reflect")
+            y = y.index_copy(0, idx, blurred)
+        if float(v["solarize_prob"]) > 0:
+            flag = p["solarize"].to(dev).view(-1, 1, 1, 1)
+            y = torch.where(flag & (y >= 0.5), 1 - y, y)
+        return (y - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor, sizes: torch.Tensor | None = None, indexes: torch.Tensor | None = None,
+                epoch: int = 0) -> list[torch.Tensor]:
+        """Plan and apply. Without ``sizes`` every image fills its canvas; without ``indexes`` the samples
+        are keyed 0..B-1."""
+        if sizes is None:
+            sizes = whole_canvas(images)
+        if indexes is None:
+            indexes = torch.arange(len(images))
+        return self.apply(images, sizes, self.plan(sizes, indexes, epoch))
 
 
 class EvalTransform(nn.Module):
-    """Deterministic view: center crop of the canvas (resized to ``size`` if needed), normalized."""
+    """Deterministic view: a centred square of ``crop_fraction`` x each image's short side, resized
+    to ``size`` (antialiased bilinear) and normalized. 0.875: the references' ImageNet evaluation
+    (shorter side to size / 0.875, centre crop of size); 1.0: a whole square image (CIFAR, digits)."""
 
-    def __init__(self, size: int, mean, std):
+    def __init__(self, size: int, mean, std, crop_fraction: float = 1.0):
         super().__init__()
-        self.size = size
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.size, self.crop_fraction = int(size), float(crop_fraction)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, indexes: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, sizes: torch.Tensor, indexes: torch.Tensor | None = None) -> torch.Tensor:
         """``indexes`` is accepted for ``ProbeCrops``' signature and not used: every sample gets the same crop."""
         x = to_float(images)
         h, w = x.shape[-2:]
-        if min(h, w) > self.size:
-            top, left = (h - self.size) // 2, (w - self.size) // 2
-            x = x[..., top : top + self.size, left : left + self.size]
-        elif (h, w) != (self.size, self.size):
-            x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        whole = (sizes[:, 0] == h) & (sizes[:, 1] == w)
+        if (h, w) == (self.size, self.size) and self.crop_fraction == 1.0 and bool(whole.all()):
+            return self.normalize(x)  # in-memory square images at the network's size: nothing to resize
+        return self.normalize(resized_crop(x, center_boxes(sizes, self.crop_fraction), sizes, self.size))
 
 
 class ProbeCrops(nn.Module):
     """Random resized crop + flip for training the offline linear probe, fixed per sample.
 
     The standard linear protocol (MoCo, SimCLR, solo-learn) trains the head on random crops and
-    flips and tests on center crops. Here the features of ``copies`` augmented versions of each
-    image are extracted once; copy ``c`` of sample ``i`` always gets the same crop, drawn from a
-    table seeded by ``(seed, c)`` and looked up by dataset index, so the features do not depend on
-    batch order or on how the data are sharded over ranks.
+    flips and tests on centre crops. Here the features of ``copies`` augmented versions of each
+    image are extracted once; copy ``c`` of sample ``i`` always gets the same crop, keyed by
+    ``(seed, c, i)`` like the training views, so the features do not depend on batch order or on how
+    the data are sharded over ranks.
     """
 
-    def __init__(self, normalize: "EvalTransform", num_samples: int, copy: int, seed: int = 0,
-                 crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_prob: float = 0.5):
+    def __init__(self, normalize: EvalTransform, copy: int, seed: int = 0, crop_scale=(0.08, 1.0),
+                 crop_ratio=(3 / 4, 4 / 3), flip_prob: float = 0.5):
         super().__init__()
         self.normalize, self.size, self.flip_prob = normalize, normalize.size, float(flip_prob)
-        self.crop_scale, self.log_ratio = tuple(crop_scale), (math.log(crop_ratio[0]), math.log(crop_ratio[1]))
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(copy))
-        self.register_buffer("uniform", torch.rand(num_samples, 5, generator=g), persistent=False)
+        self.copy, self.seed = int(copy), int(seed)
+        self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, indexes: torch.Tensor) -> torch.Tensor:
-        x = to_float(images)
-        h, w = x.shape[-2:]
-        u = self.uniform[indexes.cpu()].to(x.device)
-        lo, hi = self.crop_scale
-        area = (lo + (hi - lo) * u[:, 0]) * h * w
-        ratio = torch.exp(self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * u[:, 1])
-        cw = (area * ratio).sqrt().clamp(1, w)
-        ch = (area / ratio).sqrt().clamp(1, h)
-        x0, y0 = u[:, 2] * (w - cw), u[:, 3] * (h - ch)
-        x1, y1 = x0 + cw - 1, y0 + ch - 1
-        boxes = torch.stack([torch.stack(c, dim=1) for c in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))], dim=1)
-        x = crop_and_resize(x, boxes, (self.size, self.size))
-        flip = u[:, 4] < self.flip_prob
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return self.normalize(x)
+    def forward(self, images: torch.Tensor, sizes: torch.Tensor, indexes: torch.Tensor) -> torch.Tensor:
+        sizes_cpu = sizes.cpu()
+        u = keyed_uniform(self.seed, self.copy, indexes.cpu(), "probe_crops", 4 * CROP_TRIES + 1)
+        orig = random_resized_crop_boxes(u[:, :4 * CROP_TRIES], sizes_cpu[:, 2], sizes_cpu[:, 3], self.crop_scale,
+                                         self.crop_ratio)
+        flip = u[:, -1] < self.flip_prob
+        x = resized_crop(to_float(images), to_canvas(orig, sizes_cpu).float(), sizes, self.size, flip)
+        return self.normalize.normalize(x)
 
 
-def build_augment(acfg, size: int, mean, std) -> MultiViewAugment:
-    """From the ``augment`` config: ``views`` maps view name -> settings (missing keys: defaults)."""
+def build_augment(acfg, size: int, mean, std, seed: int = 0) -> MultiViewAugment:
+    """From the ``augment`` config: ``views`` maps view name -> settings (missing keys: ``all_views``,
+    then the defaults)."""
     from omegaconf import OmegaConf
 
-    views = OmegaConf.to_container(acfg.views, resolve=True) if not isinstance(acfg.views, dict) else acfg.views
-    base = OmegaConf.to_container(acfg.get("all_views") or {}, resolve=True) if acfg.get("all_views") else {}
+    def plain(node):
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node or {})
+
+    views = plain(acfg.views)
+    base = plain(acfg.get("all_views") or {})
     merged = {name: {**base, **(v or {})} for name, v in views.items()}
-    return MultiViewAugment(size, merged, mean, std)
+    return MultiViewAugment(size, merged, mean, std, seed)

@@ -44,7 +44,7 @@ def shard(loader):
 def extract_features(backbone: nn.Module, loader, transform: nn.Module, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N, D) float32 on CPU and labels (N,) of every sample of ``loader``'s dataset.
 
-    ``transform(images_uint8, indexes)`` makes the backbone's input (``EvalTransform``, ``ProbeCrops``).
+    ``transform(images_uint8, sizes, indexes)`` makes the backbone's input (``EvalTransform``, ``ProbeCrops``).
 
     Under DDP each rank embeds its share; the shares are gathered and put back in dataset order,
     so the result (and every probe on it) is the same for any number of ranks.
@@ -53,8 +53,8 @@ def extract_features(backbone: nn.Module, loader, transform: nn.Module, device) 
     backbone.eval()
     feats, labels, indexes = [], [], []
     try:
-        for images, y, idx in shard(loader):
-            x = transform(images.to(device, non_blocking=True), idx)
+        for images, sizes, y, idx in shard(loader):
+            x = transform(images.to(device, non_blocking=True), sizes.to(device), idx)
             feats.append(backbone(x).float())
             labels.append(y.to(device))
             indexes.append(idx.to(device))
@@ -157,8 +157,8 @@ def evaluate_backbone(backbone: nn.Module, datamodule, transform: EvalTransform,
     val_x, val_y = extract_features(backbone, val_loader, transform, device)
     lin, linear_x = ecfg.linear, None
     if int(lin.get("augment_copies", 0)) > 0:
-        crops = [ProbeCrops(transform, len(train_loader.dataset), c, int(ecfg.seed), tuple(lin.crop_scale),
-                            flip_prob=float(lin.flip_prob)).to(device) for c in range(int(lin.augment_copies))]
+        crops = [ProbeCrops(transform, c, int(ecfg.seed), tuple(lin.crop_scale), flip_prob=float(lin.flip_prob))
+                 for c in range(int(lin.augment_copies))]
         linear_x = torch.stack([extract_features(backbone, train_loader, t, device)[0] for t in crops])
     if weights_checksum(backbone) != before:
         raise RuntimeError("evaluation changed the backbone's weights or BatchNorm statistics")

@@ -53,7 +53,8 @@ def probe(cfg: DictConfig) -> dict:
     if dm.num_classes == 0:
         raise ConfigError(f"data: '{dcfg.name}' has no labels, so there is nothing to probe; choose labelled data")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    transform = EvalTransform(int(dcfg.image_size), list(train_cfg.data.mean), list(train_cfg.data.std))
+    transform = EvalTransform(int(dcfg.image_size), list(train_cfg.data.mean), list(train_cfg.data.std),
+                              float(dcfg.get("eval_crop_fraction", 1.0)))
     result = {"checkpoint": str(cfg.checkpoint), "method": train_cfg.method.name,
               "backbone": train_cfg.backbone.name, "data": dcfg.name}
     result.update(evaluate_backbone(backbone.to(device), dm, transform, ecfg, device))

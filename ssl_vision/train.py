@@ -24,7 +24,7 @@ from .methods import build_method
 
 log = logging.getLogger("ssl_vision")
 
-for _pattern in (".*overridden `on_after_batch_transfer`.*", ".*litlogger.*", ".*exists and is not empty.*",
+for _pattern in (".*overridden `on_(before|after)_batch_transfer`.*", ".*litlogger.*", ".*exists and is not empty.*",
                  ".*LeafSpec.*", ".*does not have many workers.*",
                  ".*dataloader is not resumable.*"):  # it is: SSLDataModule saves the epoch position
     warnings.filterwarnings("ignore", message=_pattern)

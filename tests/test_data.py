@@ -20,10 +20,11 @@ def test_digits_batches_are_uint8_canvases_with_labels_and_indexes(make_cfg):
     dm.setup()
     assert dm.num_classes == 10
     assert len(dm.pretrain_set) + len(dm.val_set) == 1797
-    images, labels, idx = next(iter(dm.train_dataloader()))
+    images, sizes, labels, idx = next(iter(dm.train_dataloader()))
     size = make_cfg().data.image_size
     bs = make_cfg().data.batch_size
     assert images.dtype == torch.uint8 and images.shape == (bs, 3, size, size)
+    assert sizes.tolist() == [[size] * 4] * bs  # in memory: every image fills its canvas
     assert labels.dtype == torch.long and 0 <= labels.min() and labels.max() <= 9
     assert idx.shape == (bs,) and len(set(idx.tolist())) == bs
 
@@ -44,8 +45,9 @@ def test_imagefolder_with_held_out_fraction(tmp_path, make_cfg):
     dm = SSLDataModule(cfg.data)
     dm.setup()
     assert dm.class_names == ["cat", "dog"] and len(dm.val_set) == 4 and len(dm.pretrain_set) == 8
-    img, label, i = dm.pretrain_set[0]
+    img, size, label, i = dm.pretrain_set[0]
     assert img.shape == (3, 10, 10) and img.dtype == torch.uint8 and label in (0, 1)
+    assert size.tolist() == [7, 10, 14, 20]  # 20 x 14 PNG: long side shrunk to the 10 px canvas
 
 
 def test_imagefolder_with_train_val_split_folders(tmp_path, make_cfg):
@@ -73,10 +75,23 @@ def test_batch_larger_than_dataset_is_refused(make_cfg):
         SSLDataModule(cfg.data).setup()
 
 
-def test_load_image_resizes_shorter_side_and_center_crops(tmp_path):
+def test_load_image_keeps_the_aspect_ratio_on_the_canvas_and_records_the_size(tmp_path):
     arr = np.zeros((10, 30, 3), dtype=np.uint8)
-    arr[:, 10:20] = 255  # a white band in the middle third
+    arr[:, 20:] = 255  # the right third white
     Image.fromarray(arr).save(tmp_path / "x.png")
-    out = load_image(tmp_path / "x.png", 10)
-    assert out.shape == (3, 10, 10) and out.dtype == torch.uint8
-    assert out.float().mean() > 240  # the center crop is the white band
+    out, size = load_image(tmp_path / "x.png", 15)
+    assert out.shape == (3, 15, 15) and out.dtype == torch.uint8
+    assert size.tolist() == [5, 15, 10, 30]  # (canvas h, w, original h, w): the whole image, halved
+    assert out[:, :5, 11:].float().mean() > 240 and out[:, :5, :9].float().mean() < 10  # the sides are there
+    assert torch.equal(out[:, 5:], out[:, 4:5].expand(3, 10, 15))  # padding repeats the last row
+    small, size = load_image(tmp_path / "x.png", 64)  # never enlarged
+    assert size.tolist() == [10, 30, 10, 30] and torch.equal(small[:, :10, :30], torch.from_numpy(arr).permute(2, 0, 1))
+
+
+def test_canvas_smaller_than_the_views_or_a_bad_eval_crop_is_refused(make_cfg):
+    cfg = make_cfg("data=synthetic", "data.image_size=16", "data.canvas_size=12")
+    with pytest.raises(ConfigError, match="data.canvas_size: 12 is smaller than data.image_size 16"):
+        SSLDataModule(cfg.data).setup()
+    cfg = make_cfg("data=synthetic", "data.eval_crop_fraction=1.5")
+    with pytest.raises(ConfigError, match=r"data.eval_crop_fraction: 1.5 is not in \(0, 1\]"):
+        SSLDataModule(cfg.data).setup()

@@ -113,9 +113,10 @@ def test_every_mode_decodes_to_rgb_uint8(tmp_path, kind):
         source_mode = img.mode
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. PIL's palette-transparency warning
-        out = load_image(path, 12)
+        out, size = load_image(path, 12)
     assert out.shape == (3, 12, 12) and out.dtype == torch.uint8, source_mode
-    center = out[:, 4:8, 4:8].float().mean((1, 2))
+    h, w = size[:2].tolist()  # the image keeps its aspect ratio at the canvas' top-left
+    center = out[:, h // 2 - 2 : h // 2 + 2, w // 2 - 2 : w // 2 + 2].float().mean((1, 2))
     assert (center - torch.tensor(color, dtype=torch.float)).abs().max() <= tol, (source_mode, center.tolist())
 
 
@@ -166,7 +167,7 @@ def test_broken_files_are_skipped_named_once_and_counted(tmp_path, make_cfg, cap
     for epoch in range(2):
         seen = 0
         for loader in dm.probe_dataloaders(batch_size=4):
-            for images, labels, idx in loader:
+            for images, _, labels, idx in loader:
                 assert images.dtype == torch.uint8 and images.shape[1:] == (3, 20, 20)
                 assert len(images) == len(labels) == len(idx) and labels.min() >= 0
                 seen += len(images)
@@ -192,7 +193,7 @@ def test_workers_count_skipped_files_together(tmp_path, capfd):
         loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, persistent_workers=True,
                                              collate_fn=SkipUnreadable(8))
         for _ in range(2):
-            n = sum(len(images) for images, _, _ in loader)
+            n = sum(len(images) for images, _, _, _ in loader)
             assert n == len(paths) - 3 and ds.take_skipped() == 3
         del loader
     finally:
@@ -206,8 +207,9 @@ def test_a_batch_of_only_broken_files_is_empty_not_an_error(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"")
     (tmp_path / "b.png").write_text("nope")
     ds = ImageFiles([tmp_path / "a.jpg", tmp_path / "b.png"], [0, 1], 10)
-    images, labels, idx = next(iter(torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=SkipUnreadable(10))))
-    assert images.shape == (0, 3, 10, 10) and images.dtype == torch.uint8
+    images, sizes, labels, idx = next(iter(torch.utils.data.DataLoader(ds, batch_size=2,
+                                                                       collate_fn=SkipUnreadable(10))))
+    assert images.shape == (0, 3, 10, 10) and images.dtype == torch.uint8 and sizes.shape == (0, 4)
     assert labels.shape == idx.shape == (0,) and labels.dtype == idx.dtype == torch.long
 
 
@@ -217,13 +219,14 @@ def test_pretraining_batches_keep_their_size_by_repeating_readable_samples(tmp_p
     paths = sorted(p for p in tmp_path.rglob("*") if p.is_file())  # 4 good, 2 awkward, 3 broken
     ds = ImageFiles(paths, list(range(len(paths))), 8)
     broken_idx = {i for i, p in enumerate(paths) if p.name in broken}
-    images, labels, idx = next(iter(torch.utils.data.DataLoader(ds, batch_size=len(paths),
-                                                                collate_fn=SkipUnreadable(8, refill=True))))
+    images, sizes, labels, idx = next(iter(torch.utils.data.DataLoader(ds, batch_size=len(paths),
+                                                                       collate_fn=SkipUnreadable(8, refill=True))))
     assert images.shape == (9, 3, 8, 8) and labels.shape == idx.shape == (9,) and ds.take_skipped() == 3
+    assert sizes.shape == (9, 4)
     assert len(set(idx.tolist())) == 6 and not set(idx.tolist()) & broken_idx  # fillers: readable samples
     assert torch.equal(labels, idx)  # each filler is a whole sample: image, label and index together
     for i, j in zip(idx.tolist(), range(9)):
-        assert torch.equal(images[j], ds[i][0])
+        assert torch.equal(images[j], ds[i][0]) and torch.equal(sizes[j], ds[i][1])
     # the DataModule refills its pre-training batches only; evaluation sees each readable image once
     dm = SSLDataModule(make_cfg("data=imagefolder", f"data.path={tmp_path}", "data.canvas_size=8",
                                 "data.batch_size=2", "data.num_workers=0").data)
@@ -233,7 +236,7 @@ def test_pretraining_batches_keep_their_size_by_repeating_readable_samples(tmp_p
 
 
 class _MeanColour(L.LightningModule):
-    """The smallest model that trains on the (images, labels, indexes) batches."""
+    """The smallest model that trains on the (images, sizes, labels, indexes) batches."""
 
     def __init__(self):
         super().__init__()

@@ -39,8 +39,9 @@ def test_feature_extraction_does_not_change_backbone_weights_or_bn_stats():
     backbone.train()
     before = weights_checksum(backbone)
     images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8)
-    loader = [(images[:6], torch.zeros(6, dtype=torch.long), torch.arange(6)),
-              (images[6:], torch.ones(6, dtype=torch.long), torch.arange(6, 12))]
+    sizes = torch.tensor([[16, 16, 16, 16]] * 6)
+    loader = [(images[:6], sizes, torch.zeros(6, dtype=torch.long), torch.arange(6)),
+              (images[6:], sizes, torch.ones(6, dtype=torch.long), torch.arange(6, 12))]
     feats, labels = extract_features(backbone, loader, EvalTransform(16, [0.5] * 3, [0.5] * 3), "cpu")
     assert feats.shape == (12, dim) and labels.tolist() == [0] * 6 + [1] * 6
     assert weights_checksum(backbone) == before

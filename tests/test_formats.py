@@ -68,10 +68,11 @@ def test_cifar10_python_batches(tmp_path, make_cfg):
         assert len(dm.pretrain_set) == 20 and dm.probe_train_set is dm.pretrain_set and len(dm.val_set) == 5
         assert dm.num_classes == 10 and dm.class_names[1] == "automobile"
     assert dm.pretrain_set.labels.tolist()[:4] == [1, 2, 3, 4] and dm.val_set.labels.tolist() == [0, 1, 2, 3, 4]
-    img, label, _ = dm.pretrain_set[2]
+    img, size, label, _ = dm.pretrain_set[2]
+    assert size.tolist() == [32, 32, 32, 32]  # in memory: the image fills its canvas
     assert img.shape == (3, 32, 32) and img.dtype == torch.uint8 and label == 3
     assert img[:, 5, 5].tolist() == [2, 102, 200] and img[0, 0, 31] == 255 and img[0, 31, 0] == 2
-    images, labels, idx = next(iter(dm.train_dataloader()))
+    images, _, labels, idx = next(iter(dm.train_dataloader()))
     assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.long and idx.shape == (4,)
 
 
@@ -180,10 +181,10 @@ def test_stl10_binaries(tmp_path, make_cfg):
     assert len(dm.pretrain_set) == 6 + 5 and len(dm.probe_train_set) == 6 and len(dm.val_set) == 4
     assert dm.probe_train_set.labels.tolist() == [0, 1, 2, 3, 4, 5] and dm.val_set.labels.tolist() == [0, 1, 2, 3]
     assert dm.pretrain_set.labels.tolist() == [0, 1, 2, 3, 4, 5] + [-1] * 5
-    img, label, idx = dm.pretrain_set[8]  # the third unlabeled image
+    img, _, label, idx = dm.pretrain_set[8]  # the third unlabeled image
     assert img.shape == (3, 96, 96) and img.dtype == torch.uint8 and label == -1 and idx == 8
     assert img[0, 10, 40] == 40 and img[1, 10, 40] == 10 and img[2, 0, 0] == 2  # not transposed
-    images, labels, idx = next(iter(dm.train_dataloader()))
+    images, _, labels, idx = next(iter(dm.train_dataloader()))
     assert images.shape == (4, 3, 96, 96) and len(set(idx.tolist())) == 4
 
 
@@ -226,8 +227,9 @@ def test_train_val_class_trees(tmp_path, make_cfg, name):
     assert dm.class_names == wnids and dm.num_classes == 3
     assert len(dm.pretrain_set) == 9 and len(dm.val_set) == 3
     assert dm.pretrain_set.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and dm.val_set.labels.tolist() == [0, 1, 2]
-    images, labels, _ = next(iter(dm.train_dataloader()))
+    images, sizes, labels, _ = next(iter(dm.train_dataloader()))
     assert images.shape == (2, 3, 20, 20) and images.dtype == torch.uint8
+    assert sizes.tolist() == [[15, 20, 18, 24]] * 2  # 24 x 18 JPEGs, long side to the 20 px canvas
 
 
 def test_imagenet_val_must_be_sorted_into_class_folders(tmp_path, make_cfg):
@@ -293,7 +295,7 @@ def test_unlabelled_folder_flat_and_nested_pretrains_without_probes(tmp_path, ma
     assert dm.num_classes == 0 and dm.class_names == [] and len(dm.pretrain_set) == 5
     assert dm.pretrain_set.labels.tolist() == [-1] * 5 and dm.val_set is None
     assert dm.val_dataloader() == []
-    images, labels, _ = next(iter(dm.train_dataloader()))
+    images, _, labels, _ = next(iter(dm.train_dataloader()))
     assert images.shape == (2, 3, 20, 20) and labels.tolist() == [-1, -1]
     with pytest.raises(ConfigError, match="has no labels"):
         dm.probe_dataloaders()
@@ -314,7 +316,7 @@ def test_label_fraction_is_a_stratified_seeded_subset_of_the_probe_train_set(tmp
     assert len(dm.val_set) == 100
     # each kept sample is the same image with the same label as in the full set
     for i in range(0, 32, 7):
-        img, label, _ = dm.probe_train_set[i]
+        img, _, label, _ = dm.probe_train_set[i]
         j = int(dm.probe_train_set.indices[i])
         assert torch.equal(img, full.probe_train_set[j][0]) and label == full.probe_train_set.labels[j]
     again = data_module(make_cfg, *base, "data.label_fraction=0.1")
@@ -329,7 +331,7 @@ def test_label_fraction_on_image_files(tmp_path, make_cfg):
     write_tree(tmp_path, ["n01", "n02"], per_class=10, size=(8, 8))
     dm = data_module(make_cfg, "data=imagenette", f"data.path={tmp_path}", "data.label_fraction=0.2", *SMALL)
     assert dm.probe_train_set.labels.tolist() == [0, 0, 1, 1] and len(dm.pretrain_set) == 20
-    images, labels, _ = next(iter(dm.probe_dataloaders(batch_size=4)[0]))
+    images, _, labels, _ = next(iter(dm.probe_dataloaders(batch_size=4)[0]))
     assert images.shape == (4, 3, 20, 20) and labels.tolist() == [0, 0, 1, 1]
 
 

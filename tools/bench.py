@@ -238,7 +238,7 @@ def bench_one(method: str, backbone: str, image_size: int, batch_size: int, warm
         "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats,
         "floor_ms": floor_ms, "step_ms": step_ms, "step_over_floor": step_ms / floor_ms,
         "images_per_second": batch_size / (step_ms / 1e3),
-        "augment_ms": aug_ms, "augment_images_per_second": batch_size * len(model.augment.pipelines) / (aug_ms / 1e3),
+        "augment_ms": aug_ms, "augment_images_per_second": batch_size * len(model.augment.views) / (aug_ms / 1e3),
         "peak_memory_mb": peak_mb, "memory_kind": memory_kind, "floor_contains": FLOOR[method],
         "floor_samples_ms": times["floor"], "step_samples_ms": times["step"], "overrides": list(overrides),
     }

@@ -31,6 +31,7 @@ from ..config import ConfigError
 from ..data import train_batches_done
 from ..diagnostics import normalized_std, rankme
 from ..optim import build_optimizer, check_optimizer_config, scaled_lr, split_decay, warmup_cosine
+from ..rng import keyed_uniform
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, last_bn: bool = False,
@@ -93,8 +94,8 @@ class SSLMethod(L.LightningModule, abc.ABC):
                 f"got '{cfg.backbone.name}' ({kind}); e.g. backbone=vit_tiny"
             )
         mean, std = list(cfg.data.mean), list(cfg.data.std)
-        self.augment = build_augment(cfg.augment, size, mean, std)
-        self.eval_transform = EvalTransform(size, mean, std)
+        self.augment = build_augment(cfg.augment, size, mean, std, seed=int(cfg.get("seed", 0)))
+        self.eval_transform = EvalTransform(size, mean, std, float(cfg.data.get("eval_crop_fraction", 1.0)))
         self.num_classes = num_classes
         # online probe: BatchNorm without affine, then linear (MAE's probe head; the offline probe
         # standardizes its features likewise): ViT [CLS] features share a large mean and vary little
@@ -105,6 +106,7 @@ class SSLMethod(L.LightningModule, abc.ABC):
             self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self._momentum_pairs: list[tuple[nn.Module, nn.Module]] = []
         self._pending_rng_state = None  # a mid-epoch checkpoint's, restored at the next training batch
+        self._batch_keys: tuple[torch.Tensor, int] | None = None  # (indexes, epoch) of the training batch
         self._compiled = False
 
     # --- subclass API -----------------------------------------------------------------------------
@@ -157,17 +159,45 @@ class SSLMethod(L.LightningModule, abc.ABC):
         self._compiled = True
 
     # --- data path --------------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch, dataloader_idx=0):
+        """Training batches: draw every view's random parameters on the CPU, keyed by (seed, epoch, sample
+        index, view), before the batch moves; they travel with it (``MultiViewAugment.plan``)."""
+        if self._trainer is not None and self.trainer.training:
+            images, sizes, labels, indexes = batch
+            return images, sizes, labels, indexes, self.augment.plan(sizes, indexes, self.trainer.current_epoch)
+        return batch
+
     def on_after_batch_transfer(self, batch, dataloader_idx=0):
-        images, labels, indexes = batch
+        """uint8 canvases on the device -> the method's views (training) or the evaluation view."""
         training = self._trainer is not None and self.trainer.training
-        if training and self._pending_rng_state is not None:  # resumed mid-epoch
-            self._set_rng_state(self._pending_rng_state)
-            self._pending_rng_state = None
-        x = self.augment(images) if training else self.eval_transform(images)
+        if training:
+            images, sizes, labels, indexes, plans = batch
+            if self._pending_rng_state is not None:  # resumed mid-epoch
+                self._set_rng_state(self._pending_rng_state)
+                self._pending_rng_state = None
+            x = self.augment.apply(images, sizes, plans)
+            self._batch_keys = (indexes, int(self.trainer.current_epoch))
+        else:
+            images, sizes, labels, indexes = batch
+            x = self.eval_transform(images, sizes)
         if self.channels_last:  # NHWC views for the NHWC convolution weights
             x = [v.contiguous(memory_format=torch.channels_last) for v in x] if training else \
                 x.contiguous(memory_format=torch.channels_last)
         return x, labels, indexes
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self._batch_keys = None  # keys belong to one batch only
+
+    def keyed_rand(self, stream: str, n: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n) uniforms for this training batch, keyed by (seed, epoch, sample index, ``stream``) like the
+        augmentation (``ssl_vision.rng``): the same for a sample whatever the number of ranks or a resume.
+        Outside a Trainer's training batch (a direct ``forward_views`` call) they come from the global
+        generator, shaped like ``like``'s batch."""
+        if self._batch_keys is None or (like is not None and len(self._batch_keys[0]) != like.shape[0]):
+            b = like.shape[0] if like is not None else 1
+            return torch.rand(b, n, device=like.device if like is not None else None)
+        indexes, epoch = self._batch_keys
+        return keyed_uniform(int(self.cfg.get("seed", 0)), epoch, indexes, stream, n)
 
     # --- steps --------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):

@@ -91,7 +91,7 @@ class MAE(SSLMethod):
         pos = vit.pos_embed
         npos = 0 if vit.no_embed_class else self.num_prefix
         x = x + pos[:, npos:]
-        x, mask, ids_restore = random_masking(x, ratio)
+        x, mask, ids_restore = random_masking(x, ratio, noise=self.keyed_rand("mae_mask", x.shape[1], like=x))
         prefix = [t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
         if prefix:
             tokens = torch.cat(prefix, dim=1)
