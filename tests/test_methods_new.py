@@ -185,7 +185,7 @@ def test_vicreg_expander_coefficients_and_step(make_cfg):
     v = views()
     out = model.forward_views(v)
     z1, z2 = (model.projector(model.backbone(x)).detach() for x in v)
-    assert abs(float(out["loss"]) - reference_vicreg(z1, z2, 25.0, 25.0, 1.0)[0]) < 1e-3
+    assert abs(out["loss"].item() - reference_vicreg(z1, z2, 25.0, 25.0, 1.0)[0]) < 1e-3
 
 
 # --- DINO -------------------------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def dino_model(make_cfg, *extra, backbone=("backbone=resnet18_tiny",)):
 
 
 def test_dino_head_is_the_reference_head(make_cfg):
-    model = build_method(make_cfg("method=dino", *DATA), 4)
+    model = build_method(small_multicrop(make_cfg("method=dino", *DATA)), 4)
     assert isinstance(model, DINO)
     head = model.head
     assert layer_types(head.mlp) == [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]
@@ -220,8 +220,8 @@ def test_dino_head_is_the_reference_head(make_cfg):
                                                                           torch.ones(65536, 1))
     assert not head.last_layer.weight_g.requires_grad  # norm_last_layer: the norms stay 1
     assert id(head.last_layer.weight_g) not in optimized(model)
-    assert layer_types(build_method(make_cfg("method=dino", *DATA, "method.use_bn_in_head=true",
-                                             "method.norm_last_layer=false"), 4).head.mlp)[:3] == \
+    assert layer_types(build_method(small_multicrop(make_cfg(*SMALL["dino"], *DATA, "method.use_bn_in_head=true",
+                                                             "method.norm_last_layer=false")), 4).head.mlp)[:3] == \
         [nn.Linear, nn.BatchNorm1d, nn.GELU]
     # the bottleneck is L2-normalized; the last layer is torch's weight norm (dim 0) with the same v and g
     lin = WeightNormLinear(16, 10)
@@ -349,11 +349,22 @@ def test_dino_vit_multicrop_needs_dynamic_image_size(make_cfg):
     assert torch.isfinite(out["loss"])
 
 
-def test_dino_needs_two_views(make_cfg):
-    cfg = small_multicrop(make_cfg(*SMALL["dino"], *DATA, "~augment.views.global2"), locals_kept=0)
-    with pytest.raises(ConfigError) as e:
-        build_method(cfg, 4)
-    assert "\n" not in str(e.value) and "augment.views" in str(e.value)
+def test_dino_needs_two_global_views_and_a_vit_that_takes_small_ones(make_cfg):
+    for cfg in (small_multicrop(make_cfg(*SMALL["dino"], *DATA, "~augment.views.global2")),  # 1 global
+                small_multicrop(make_cfg(*SMALL["dino"], *DATA), local_size=16)):  # locals as large as globals
+        with pytest.raises(ConfigError) as e:
+            build_method(cfg, 4)
+        assert "\n" not in str(e.value) and "augment.views: DINO's teacher takes 2 global views" in str(e.value)
+    vit = ("backbone=vit_tiny", "backbone.patch_size=4", "+backbone.kwargs.depth=1")
+    with pytest.raises(ConfigError, match="dynamic_img_size=true"):
+        build_method(small_multicrop(make_cfg(*SMALL["dino"], "data=synthetic", *vit)), 4)
+
+
+def test_dino_recipes_without_local_crops_drop_them(make_cfg):
+    """solo-learn's DINO scripts train on 2 crops: their recipes set dino.yaml's local views to null."""
+    model = build_method(make_cfg("experiment=cifar10_dino_resnet18", "data=synthetic", "backbone=resnet18_tiny"), 4)
+    assert model.augment.names == ["global1", "global2"] and model.augment.num_global == 2
+    assert model.augment.views[0]["interpolation"] == "bicubic" and model.augment.views[1]["solarize_prob"] == 0.2
 
 
 # --- all five: a short Lightning run, and the collapse diagnostics of the base class -------------------

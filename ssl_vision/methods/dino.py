@@ -19,9 +19,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from timm.layers import DropPath
 from torch import nn
 
+from ..augment import build_augment
 from ..config import ConfigError
 from ..distributed import gather_no_grad, world_size
 from ..losses import dino_loss
@@ -89,10 +91,18 @@ def multicrop(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
 class DINO(SSLMethod):
     def __init__(self, cfg, num_classes: int):
         super().__init__(cfg, num_classes)
-        m = self.cfg.method
-        if self.augment.num_global < 1 or len(self.augment.names) < 2:
-            raise ConfigError(f"augment.views: DINO needs at least one global view and two views in all, got "
-                              f"{self.augment.num_global} global of {len(self.augment.names)}")
+        m, a, d = self.cfg.method, self.cfg.augment, self.cfg.data
+        if any(v is None for v in a.views.values()):  # a recipe without local crops sets dino.yaml's to null
+            views = OmegaConf.create({"views": {k: v for k, v in a.views.items() if v is not None},
+                                      "all_views": a.get("all_views") or {}})
+            self.augment = build_augment(views, int(d.image_size), list(d.mean), list(d.std), int(self.cfg.get("seed", 0)))
+        if self.augment.num_global != 2:  # the reference's teacher output is chunked into 2 global views
+            raise ConfigError(f"augment.views: DINO's teacher takes 2 global views (size = data.image_size "
+                              f"{d.image_size}), got {self.augment.num_global} of {self.augment.names}; give the "
+                              "local views a smaller size, e.g. augment.views.local1.size=16")
+        if self.is_vit and min(self.augment.sizes) < int(d.image_size) and not self.backbone.dynamic_img_size:
+            raise ConfigError("backbone.kwargs.dynamic_img_size: a ViT sees DINO's smaller local views only with an "
+                              "interpolated position embedding; add +backbone.kwargs.dynamic_img_size=true")
         self.head = DINOHead(self.feat_dim, int(m.out_dim), int(m.hidden_dim), int(m.bottleneck_dim),
                              int(m.head_layers), bool(m.use_bn_in_head), bool(m.norm_last_layer))
         teacher = self.momentum_copy(self.backbone)
