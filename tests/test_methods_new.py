@@ -215,7 +215,7 @@ def test_dino_head_is_the_reference_head(make_cfg):
     assert layer_types(head.mlp) == [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]
     assert [m.out_features for m in head.mlp if isinstance(m, nn.Linear)] == [2048, 2048, 256]
     assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in head.mlp if isinstance(m, nn.Linear))
-    assert abs(float(head.mlp[2].weight.std()) - 0.02) < 1e-3  # trunc_normal(std=.02)
+    assert abs(float(head.mlp[2].weight.detach().std()) - 0.02) < 1e-3  # trunc_normal(std=.02)
     assert head.last_layer.weight_v.shape == (65536, 256) and torch.equal(head.last_layer.weight_g,
                                                                           torch.ones(65536, 1))
     assert not head.last_layer.weight_g.requires_grad  # norm_last_layer: the norms stay 1
@@ -298,21 +298,27 @@ def test_dino_evaluates_and_exports_the_teacher(make_cfg):
     assert torch.equal(model(x), model.backbone(x))
 
 
-def test_dino_freezes_the_last_layer_in_the_first_epoch_and_clips_each_gradient(make_cfg):
-    model = dino_model(make_cfg, "method.norm_last_layer=false", "method.clip_grad=0.5",
-                       "trainer.max_epochs=2", "data.num_samples=64")
-    snapshots = []
+def test_dino_freezes_the_last_layer_in_epoch_0_clips_each_gradient_and_schedules_weight_decay(make_cfg):
+    model = dino_model(make_cfg, "method.norm_last_layer=false", "method.clip_grad=0.5", "trainer.max_epochs=2",
+                       "data.num_samples=64", "optimizer.weight_decay=0.04", "method.weight_decay_end=0.4")
+    snapshots, wds = [], []
 
-    class Snapshot(L.Callback):
+    class Record(L.Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            wds.append({g["name"]: g["weight_decay"] for g in optimizer.param_groups})
+
         def on_train_epoch_end(self, trainer, module):
             snapshots.append([p.detach().clone() for p in module.head.last_layer.parameters()])
 
     start = [p.detach().clone() for p in model.head.last_layer.parameters()]
     mlp = model.head.mlp[0].weight.detach().clone()
-    fit(model, steps=-1, max_epochs=2, callbacks=[Snapshot()])
+    trainer = fit(model, steps=-1, max_epochs=2, callbacks=[Record()])  # 2 epochs of 3 steps
     assert all(torch.equal(a, b) for a, b in zip(start, snapshots[0]))  # epoch 0: frozen
     assert all(not torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))  # epoch 1: trained
     assert not torch.equal(mlp, model.head.mlp[0].weight)
+    total = trainer.estimated_stepping_batches  # utils.cosine_scheduler(wd, wd_end, ...) of the regularized group
+    assert [w["decay"] for w in wds] == pytest.approx([cosine_schedule(s, total, 0.04, 0.4) for s in range(total)])
+    assert all(w["no_decay"] == 0.0 for w in wds)
     # per-parameter clipping (utils.clip_gradients), not a global norm
     for p in model.parameters():
         p.grad = torch.full_like(p, 10.0) if p.requires_grad else None
@@ -323,20 +329,6 @@ def test_dino_freezes_the_last_layer_in_the_first_epoch_and_clips_each_gradient(
         if p.grad is not None:
             assert float(p.grad.norm()) <= 0.5 + 1e-5
     assert torch.equal(small.grad, torch.full_like(small, 1e-3))  # under the threshold: untouched
-
-
-def test_dino_weight_decay_follows_its_cosine_schedule(make_cfg):
-    model = dino_model(make_cfg, "optimizer.weight_decay=0.04", "method.weight_decay_end=0.4")
-    wds = []
-
-    class Record(L.Callback):
-        def on_before_optimizer_step(self, trainer, module, optimizer):
-            wds.append({g["name"]: g["weight_decay"] for g in optimizer.param_groups})
-
-    trainer = fit(model, steps=3, callbacks=[Record()])
-    total = trainer.estimated_stepping_batches
-    assert [w["decay"] for w in wds] == pytest.approx([cosine_schedule(s, total, 0.04, 0.4) for s in range(3)])
-    assert all(w["no_decay"] == 0.0 for w in wds)
 
 
 def test_dino_vit_multicrop_needs_dynamic_image_size(make_cfg):
@@ -367,18 +359,17 @@ def test_dino_recipes_without_local_crops_drop_them(make_cfg):
     assert model.augment.views[0]["interpolation"] == "bicubic" and model.augment.views[1]["solarize_prob"] == 0.2
 
 
-# --- all five: a short Lightning run, and the collapse diagnostics of the base class -------------------
+# --- a short Lightning run (BYOL, SimSiam and DINO have theirs above and below), collapse diagnostics ------
 
-@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("name", ["barlow_twins", "vicreg"])
 def test_each_method_trains_in_lightning(make_cfg, name):
     torch.manual_seed(0)
     cfg = make_cfg(*SMALL[name], *DATA)
-    model = build_method(small_multicrop(cfg) if name == "dino" else cfg, 4)
+    model = build_method(cfg, 4)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     trainer = fit(model, steps=2)
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss_step"])
-    changed = any(not torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
-    assert changed  # DINO's backbone is the teacher: the EMA moved it
+    assert any(not torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
 
 
 def test_collapse_diagnostics_are_logged_only_at_logging_steps(make_cfg, monkeypatch):
