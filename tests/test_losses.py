@@ -99,6 +99,40 @@ def test_barlow_twins_loss_matches_the_paper_pseudocode():
     assert abs(float(barlow_twins_loss(z1, z2, 0.5, scale=0.1)) - 0.1 * reference_barlow(z1, z2, 0.5)) < 1e-5
 
 
+def test_barlow_twins_and_vicreg_with_fewer_samples_than_dimensions_match_the_reference():
+    """N < D takes the N x N Gram path: values against the numpy references, gradients against autograd through
+    the reference's D x D matrices (float64)."""
+    z1, z2 = _rand(6, 11, seed=21) * 2 + 0.5, _rand(6, 11, seed=22) + 0.3 * _rand(6, 11, seed=21)
+    assert abs(float(barlow_twins_loss(z1, z2, 0.0051)) - reference_barlow(z1, z2, 0.0051)) < 1e-4
+    assert abs(float(barlow_twins_loss(z1, z2, 0.5)) - reference_barlow(z1, z2, 0.5)) < 1e-3
+    loss, terms = vicreg_loss(z1 * 0.3, z2 * 0.3)
+    expected, (_, _, cov) = reference_vicreg(z1 * 0.3, z2 * 0.3, 25.0, 25.0, 1.0)
+    assert abs(float(loss) - expected) < 1e-4 and abs(float(terms["covariance"]) - cov) < 1e-6 and cov > 0
+
+    def dense_barlow(a, b, lambd=0.0051):
+        a = (a - a.mean(0)) / torch.sqrt(a.var(0, unbiased=False) + 1e-5)
+        b = (b - b.mean(0)) / torch.sqrt(b.var(0, unbiased=False) + 1e-5)
+        c = a.T @ b / a.shape[0]
+        off = c - torch.diag(torch.diagonal(c))
+        return (torch.diagonal(c) - 1).pow(2).sum() + lambd * off.pow(2).sum()
+
+    def dense_cov(a, b):
+        total = 0
+        for t in (a, b):
+            c = (t - t.mean(0)).T @ (t - t.mean(0)) / (t.shape[0] - 1)
+            total = total + (c - torch.diag(torch.diagonal(c))).pow(2).sum() / t.shape[1]
+        return total
+
+    for fast, dense in ((lambda a, b: barlow_twins_loss(a, b, 0.0051), dense_barlow),
+                        (lambda a, b: vicreg_loss(a, b, sim_coeff=0.0, std_coeff=0.0, cov_coeff=1.0)[0], dense_cov)):
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        fast(a, b).backward()
+        a64, b64 = z1.double().requires_grad_(), z2.double().requires_grad_()
+        dense(a64, b64).backward()
+        assert torch.allclose(a.grad.double(), a64.grad, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(b.grad.double(), b64.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_barlow_twins_statistics_are_of_the_batch_it_is_given():
     """Two halves' losses averaged differ from the whole batch's: the method must pass it the gathered batch."""
     z1, z2 = _rand(12, 4, seed=11), _rand(12, 4, seed=12) + _rand(12, 4, seed=11)
