@@ -32,6 +32,9 @@ View settings (any key per view under ``augment.views.<name>``, or for all under
   MoCo, solo-learn and DINO use, and which SimCLR / BYOL's 10%-of-224 kernel (23) contains at these
   sigmas; or an odd int); blur is only applied to views of at least ``blur_min_size`` pixels
 - ``solarize_prob`` (pixels >= 0.5 inverted, PIL's ``solarize(threshold=128)``)
+- ``randaugment`` (a timm RandAugment string, e.g. ``rand-m9-mstd0.5-inc1``; after the crop, before
+  normalization) and ``erase_prob`` (timm's random erasing, after normalization): the fine-tuning
+  augmentation of MAE / DeiT, ``ssl_vision.randaugment``
 
 Differences from the references, all below what an experiment can measure: the ops run in float on
 the canvas, not on 8-bit PIL images re-quantized after each op; the canvas holds each image at
@@ -52,6 +55,7 @@ import kornia
 import torch
 from torch import nn
 
+from .randaugment import ERASE_DRAWS, RandAugment, erase, erase_boxes, parse_config
 from .rng import keyed_uniform
 
 DEFAULT_VIEW = {
@@ -71,6 +75,8 @@ DEFAULT_VIEW = {
     "blur_kernel": "auto",
     "blur_min_size": 96,
     "solarize_prob": 0.0,
+    "randaugment": None,
+    "erase_prob": 0.0,
 }
 INTERPOLATIONS = ("bilinear", "bicubic")
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
@@ -265,7 +271,9 @@ def _check_view(name: str, v: Mapping, image_size: int) -> dict:
     r0, r1 = (float(r) for r in v["crop_ratio"])
     if not 0 < r0 <= r1:
         raise _config_error(f"augment.views.{name}.crop_ratio: {[r0, r1]} must satisfy 0 < min <= max")
-    for key in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+    if v["randaugment"]:
+        parse_config(v["randaugment"], f"augment.views.{name}.randaugment")
+    for key in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob", "erase_prob"):
         if not 0 <= float(v[key]) <= 1:
             raise _config_error(f"augment.views.{name}.{key}: {v[key]} is not a probability in [0, 1]")
     k = v["blur_kernel"]
@@ -293,6 +301,9 @@ class MultiViewAugment(nn.Module):
         self.num_global = sum(v["size"] == self.image_size for v in self.views)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        fill = [min(255, round(255 * float(m))) for m in mean]  # timm's img_mean
+        self.randaugments = [RandAugment(v["randaugment"], v["size"], fill, v["interpolation"]) if v["randaugment"]
+                             else None for v in self.views]
 
     @property
     def sizes(self) -> list[int]:
@@ -316,7 +327,20 @@ class MultiViewAugment(nn.Module):
         ``indexes`` (B,)). Each plan holds tensors for the device and the crop boxes in original
         pixels (``boxes_orig``, for ``ssl-vision-views``)."""
         sizes, indexes = sizes.cpu(), indexes.cpu()
-        return [self._plan_view(name, v, sizes, indexes, epoch) for name, v in zip(self.names, self.views)]
+        plans = [self._plan_view(name, v, sizes, indexes, epoch) for name, v in zip(self.names, self.views)]
+        for name, v, ra, p in zip(self.names, self.views, self.randaugments, plans):  # own streams: others unchanged
+            self._plan_finetune_ops(name, v, ra, p, indexes, epoch)
+        return plans
+
+    def _plan_finetune_ops(self, name: str, v: dict, ra, p: dict, indexes, epoch: int) -> None:
+        if ra is not None:
+            p["randaugment"] = ra.plan(keyed_uniform(self.seed, epoch, indexes, f"{self.stream(name)}:randaugment",
+                                                     ra.num_draws))
+        if float(v["erase_prob"]) > 0:
+            u = keyed_uniform(self.seed, epoch, indexes, f"{self.stream(name)}:erase", ERASE_DRAWS)
+            boxes = erase_boxes(u, v["size"], v["size"], float(v["erase_prob"]))
+            p["erase_index"] = torch.nonzero(boxes[:, 2] > 0)[:, 0]
+            p["erase_boxes"] = boxes[p["erase_index"]]
 
     def _plan_view(self, name: str, v: dict, sizes, indexes, epoch: int) -> dict:
         u = keyed_uniform(self.seed, epoch, indexes, self.stream(name), _U_COUNT)
@@ -331,51 +355,58 @@ class MultiViewAugment(nn.Module):
         f = u[:, _U_FACTORS:_U_FACTORS + 4]
         p["jitter_factors"] = torch.stack([lo + (hi - lo) * f[:, i] for i, (lo, hi) in enumerate(ranges)], dim=1)
         order = u[:, _U_ORDER:_U_ORDER + 4].argsort(dim=1)  # a uniformly random permutation per image
-        step_ops = torch.where(jitter[:, None], order, torch.full_like(order, 4))  # 4: no jitter op
-        # host-side schedule: which ops any image needs at each step; hue runs only on its images
-        p["jitter_ops"] = step_ops
-        p["jitter_need"] = [[bool(active[k]) and bool((step_ops[:, t] == k).any()) for k in range(4)]
-                            for t in range(4)]
-        p["hue_index"] = [torch.nonzero(step_ops[:, t] == 3)[:, 0] for t in range(4)]
-        p["gray"] = u[:, _U_GRAY] < float(v["grayscale_prob"])
+        p["jitter_ops"] = torch.where(jitter[:, None], order, torch.full_like(order, 4))  # 4: no op at that step
         blur_on = v["size"] >= int(v["blur_min_size"]) and float(v["blur_prob"]) > 0
         blur = (u[:, _U_BLUR] < float(v["blur_prob"])) & blur_on
         s0, s1 = (float(s) for s in v["blur_sigma"])
-        p["blur_index"] = torch.nonzero(blur)[:, 0]
-        p["blur_sigma"] = (s0 + (s1 - s0) * u[:, _U_SIGMA])[p["blur_index"]]
-        p["solarize"] = u[:, _U_SOLARIZE] < float(v["solarize_prob"])
+        # which images each op touches, as index lists known here on the host: on the device every op runs
+        # on just its images (no host sync, no work for the others); one tensor, sliced by name
+        groups = {f"jitter{t}{k}": p["jitter_ops"][:, t] == k for t in range(4) for k in range(4) if active[k]}
+        groups.update(gray=u[:, _U_GRAY] < float(v["grayscale_prob"]), blur=blur,
+                      solarize=u[:, _U_SOLARIZE] < float(v["solarize_prob"]))
+        parts, p["slices"], start = [], {}, 0
+        for key, mask in groups.items():
+            idx = torch.nonzero(mask)[:, 0]
+            parts.append(idx)
+            p["slices"][key] = (start, start + len(idx))
+            start += len(idx)
+        p["index"] = torch.cat(parts)
+        p["blur_sigma"] = (s0 + (s1 - s0) * u[:, _U_SIGMA])[blur]
         return p
 
     @torch.no_grad()
     def apply(self, images: torch.Tensor, sizes: torch.Tensor, plans: list[dict]) -> list[torch.Tensor]:
         x = to_float(images)
-        return [self._apply_view(x, sizes, v, p) for v, p in zip(self.views, plans)]
+        return [self._apply_view(x, sizes, v, p, ra) for v, p, ra in zip(self.views, plans, self.randaugments)]
 
-    def _apply_view(self, x, sizes, v: dict, p: dict) -> torch.Tensor:
+    def _apply_view(self, x, sizes, v: dict, p: dict, ra=None) -> torch.Tensor:
         dev = x.device
         y = resized_crop(x, p["boxes"], sizes, v["size"], p["flip"], v["interpolation"])
-        factors, ops = p["jitter_factors"].to(dev), p["jitter_ops"].to(dev)
-        for t in range(4):
-            need = p["jitter_need"][t]
-            for k in range(3):  # brightness, contrast, saturation: cheap, computed for all, selected per image
-                if need[k]:
-                    y = torch.where((ops[:, t] == k).view(-1, 1, 1, 1), JITTER_OPS[k](y, factors[:, k]), y)
-            if need[3]:  # hue: only on the images whose step t is hue
-                idx = p["hue_index"][t].to(dev)
-                y = y.index_copy(0, idx, adjust_hue(y.index_select(0, idx), factors.index_select(0, idx)[:, 3]))
-        gray = p["gray"].to(dev)
-        if float(v["grayscale_prob"]) > 0:
-            y = torch.where(gray.view(-1, 1, 1, 1), grayscale(y).expand_as(y), y)
-        if len(p["blur_index"]):
-            idx, sigma = p["blur_index"].to(dev), p["blur_sigma"].to(dev)
+        if "randaugment" in p:
+            ra.apply(y, p["randaugment"])
+        index = p["index"].to(dev)
+
+        def subset(key: str, fn) -> None:  # y[idx] = fn(y[idx], idx), in place
+            a, b = p["slices"].get(key, (0, 0))
+            if b > a:
+                idx = index[a:b]
+                y.index_copy_(0, idx, fn(y.index_select(0, idx), idx))
+
+        factors = p["jitter_factors"].to(dev)
+        for t in range(4):  # each image's own random order of brightness, contrast, saturation, hue
+            for k, op in enumerate(JITTER_OPS):
+                subset(f"jitter{t}{k}", lambda z, idx, k=k, op=op: op(z, factors.index_select(0, idx)[:, k]))
+        subset("gray", lambda z, idx: grayscale(z).expand_as(z))
+        if "blur" in p["slices"]:
             k = blur_kernel_size(v)
-            blurred = kornia.filters.gaussian_blur2d(y.index_select(0, idx), (k, k), torch.stack([sigma, sigma], 1),
-                                                     border_type="reflect")
-            y = y.index_copy(0, idx, blurred)
-        if float(v["solarize_prob"]) > 0:
-            flag = p["solarize"].to(dev).view(-1, 1, 1, 1)
-            y = torch.where(flag & (y >= 0.5), 1 - y, y)
-        return (y - self.mean) / self.std
+            sigma = p["blur_sigma"].to(dev)
+            subset("blur", lambda z, idx: kornia.filters.gaussian_blur2d(z, (k, k), torch.stack([sigma, sigma], 1),
+                                                                          border_type="reflect"))
+        subset("solarize", lambda z, idx: torch.where(z >= 0.5, 1 - z, z))
+        y = y.sub_(self.mean).div_(self.std)
+        if "erase_index" in p:
+            erase(y, p["erase_boxes"], p["erase_index"])
+        return y
 
     def forward(self, images: torch.Tensor, sizes: torch.Tensor | None = None, indexes: torch.Tensor | None = None,
                 epoch: int = 0) -> list[torch.Tensor]:
@@ -390,12 +421,13 @@ class MultiViewAugment(nn.Module):
 
 class EvalTransform(nn.Module):
     """Deterministic view: a centred square of ``crop_fraction`` x each image's short side, resized
-    to ``size`` (antialiased bilinear) and normalized. 0.875: the references' ImageNet evaluation
-    (shorter side to size / 0.875, centre crop of size); 1.0: a whole square image (CIFAR, digits)."""
+    to ``size`` (antialiased ``interpolation``: bilinear, or bicubic as the fine-tuning references) and
+    normalized. 0.875: the references' ImageNet evaluation (shorter side to size / 0.875, centre crop of
+    size); 1.0: a whole square image (CIFAR, digits)."""
 
-    def __init__(self, size: int, mean, std, crop_fraction: float = 1.0):
+    def __init__(self, size: int, mean, std, crop_fraction: float = 1.0, interpolation: str = "bilinear"):
         super().__init__()
-        self.size, self.crop_fraction = int(size), float(crop_fraction)
+        self.size, self.crop_fraction, self.interpolation = int(size), float(crop_fraction), interpolation
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
@@ -410,7 +442,8 @@ class EvalTransform(nn.Module):
         whole = (sizes[:, 0] == h) & (sizes[:, 1] == w)
         if (h, w) == (self.size, self.size) and self.crop_fraction == 1.0 and bool(whole.all()):
             return self.normalize(x)  # in-memory square images at the network's size: nothing to resize
-        return self.normalize(resized_crop(x, center_boxes(sizes, self.crop_fraction), sizes, self.size))
+        return self.normalize(resized_crop(x, center_boxes(sizes, self.crop_fraction), sizes, self.size,
+                                           kind=self.interpolation))
 
 
 class ProbeCrops(nn.Module):

@@ -2,7 +2,10 @@
 
 Any timm model name works (``timm.create_model(name, num_classes=0)``); the presets below are the
 short names the configs use. ResNets get the CIFAR-style stem (3x3 stride-1 conv, no max-pool) on
-small images, as the CIFAR references do; ViTs take ``img_size`` and ``patch_size`` from config.
+small images, as the CIFAR references do (``small_stem_style`` picks whose); ViTs take ``img_size``
+and ``patch_size`` from config. Architecture changes a recipe's reference makes (e.g. 12 heads in
+MoCo v3's and MAE's ViT-Small, torchvision's ResNet without zero-initialised last BN) are timm
+keyword arguments in that recipe's ``backbone.kwargs``, not changes of the presets.
 ``channels_last`` stores the convolution weights NHWC (``backbone.channels_last``); the state dict
 keeps the same keys and values, only the strides differ.
 """
@@ -31,6 +34,7 @@ PRESET_KWARGS = {
 }
 
 SMALL_IMAGE_MAX = 64  # images of at most this size get the small ResNet stem / small ViT patches
+SMALL_STEM_STYLES = ("default", "solo_learn")
 
 
 def timm_name(name: str) -> str:
@@ -56,12 +60,21 @@ def resolve_patch_size(patch_size, image_size: int) -> int:
     return int(patch_size)
 
 
-def _small_resnet_stem(model: nn.Module) -> None:
+def _small_resnet_stem(model: nn.Module, style: str = "default") -> None:
+    """Replace the 7x7 stride-2 stem and max-pool by a 3x3 stride-1 conv without max-pool.
+
+    ``default``: padding 1 (same-size output, as google-research/simclr's CIFAR stem), weights
+    kaiming-normal (fan_out) like every other conv of the ResNet. ``solo_learn``: padding 2 and
+    nn.Conv2d's default init, as solo-learn's BaseMethod builds it (solo/methods/base.py: a 32 px
+    image gives a 34 px first feature map).
+    """
     conv = model.conv1
     if not isinstance(conv, nn.Conv2d):
         raise ConfigError("backbone.small_stem: only ResNets with a single-conv stem can take the small-image stem")
-    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False)
-    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    padding = 2 if style == "solo_learn" else 1
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=padding, bias=False)
+    if style == "default":
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     model.maxpool = nn.Identity()
 
 
@@ -72,9 +85,14 @@ def build_backbone(
     patch_size="auto",
     kwargs: dict | None = None,
     channels_last: bool = False,
+    small_stem_style: str = "default",
 ) -> tuple[nn.Module, int]:
-    """Create a timm backbone without classifier; returns ``(module, feature_dim)``."""
+    """Create a timm backbone without classifier (``kwargs`` may ask for one: ``num_classes``, as a fine-tuned
+    model's config does); returns ``(module, feature_dim)``."""
     model_name = timm_name(name)
+    if small_stem_style not in SMALL_STEM_STYLES:
+        raise ConfigError(f"backbone.small_stem_style: unknown style '{small_stem_style}'; choose one of: "
+                          f"{', '.join(SMALL_STEM_STYLES)}")
     kwargs = {**PRESET_KWARGS.get(name, {}), **(kwargs or {})}
     is_vit_name = model_name.startswith(("vit", "deit"))
     if is_vit_name:
@@ -88,11 +106,12 @@ def build_backbone(
                 + f", or data.image_size={(image_size // patch or 1) * patch} for patch {patch}"
             )
         kwargs.update(img_size=image_size, patch_size=patch)
-    model = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
+    num_classes = int(kwargs.pop("num_classes", 0))
+    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
     if not is_vit(model):
         use_small = image_size <= SMALL_IMAGE_MAX if small_stem == "auto" else bool(small_stem)
         if use_small and hasattr(model, "conv1") and hasattr(model, "maxpool"):
-            _small_resnet_stem(model)
+            _small_resnet_stem(model, small_stem_style)
     dim = getattr(model, "num_features", None)
     if not dim:
         with torch.no_grad():
@@ -109,6 +128,7 @@ def backbone_from_config(bcfg, image_size: int) -> tuple[nn.Module, int]:
         image_size,
         small_stem=bcfg.get("small_stem", "auto"),
         patch_size=bcfg.get("patch_size", "auto"),
+        small_stem_style=str(bcfg.get("small_stem_style", "default")),
         kwargs=dict(bcfg.get("kwargs") or {}),
         channels_last=bool(bcfg.get("channels_last", False)),
     )

@@ -85,14 +85,16 @@ def check_overrides(args: list[str], config_name: str) -> None:
             continue
         if is_group(key):
             options = group_options(key)
-            for v in _values(o):
-                if v is None or str(v) == "null":
-                    continue
-                if str(v) not in options:
-                    raise ConfigError(
-                        f"unknown {key} '{v}'{_suggest(str(v), options)}; choose one of: {', '.join(options)}"
-                    )
-            group_choices.append(f"{key}={_values(o)[0]}")
+            for value in _values(o):
+                for v in value if isinstance(value, list) else [value]:  # several at once: logger=[csv,tensorboard]
+                    if v is None or str(v) == "null":
+                        continue
+                    if str(v) not in options:
+                        raise ConfigError(
+                            f"unknown {key} '{v}'{_suggest(str(v), options)}; choose one of: {', '.join(options)}"
+                        )
+            first = _values(o)[0]
+            group_choices.append(f"{key}=[{','.join(map(str, first))}]" if isinstance(first, list) else f"{key}={first}")
         elif not (o.is_add() or o.is_force_add() or o.is_delete()):
             plain.append(key)
 

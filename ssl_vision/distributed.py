@@ -43,13 +43,45 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
-def gather_variable(x: torch.Tensor) -> torch.Tensor:
-    """``gather_no_grad`` for tensors whose first dimension differs between ranks."""
+def _sizes(x: torch.Tensor) -> list[int]:
+    """Every rank's ``x.shape[0]`` (one small all_gather and a host read: for evaluation, not steps)."""
+    return gather_no_grad(torch.tensor([x.shape[0]], device=x.device)).tolist()
+
+
+def _padded(x: torch.Tensor, n: int) -> torch.Tensor:
+    pad = torch.zeros((n - x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    return torch.cat([x, pad]).contiguous()
+
+
+@torch.no_grad()
+def gather_to(x: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+    """Concatenate ``x`` (first dimension may differ between ranks) from all ranks on rank ``dst`` only.
+
+    Rank ``dst`` gets the whole tensor, every other rank ``None``: only one process ever holds it (e.g.
+    the feature matrix of an evaluation, which all ranks extracted a share of). One process: ``x``.
+    """
     if world_size() == 1:
         return x
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = gather_no_grad(n).tolist()
-    pad = torch.zeros((max(sizes) - x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    full = gather_no_grad(torch.cat([x, pad]))
-    chunks = full.split(max(sizes))
-    return torch.cat([c[:s] for c, s in zip(chunks, sizes)])
+    sizes = _sizes(x)
+    mine = _padded(x, max(sizes))
+    chunks = [torch.empty_like(mine) for _ in sizes] if rank() == dst else None
+    dist.gather(mine, chunks, dst=dst)
+    return torch.cat([c[:s] for c, s in zip(chunks, sizes)]) if chunks is not None else None
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s picklable ``obj`` on every rank (e.g. metrics computed on one rank)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@torch.no_grad()
+def broadcast_tensors_(tensors, src: int = 0) -> None:
+    """Overwrite each tensor in place with rank ``src``'s (buffers that must agree across ranks)."""
+    if world_size() == 1:
+        return
+    for t in tensors:
+        dist.broadcast(t, src=src)

@@ -1,7 +1,9 @@
-"""Optimizers (SGD, AdamW, LARS) with parameter groups, and the warmup-cosine schedule."""
+"""Optimizers (SGD, AdamW, LARS) with parameter groups, the warmup-cosine schedule, and the check of
+what gradient accumulation changes for a method (``gradient_accumulation_check``)."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -9,19 +11,48 @@ from torch import nn
 
 from .config import ConfigError
 
+log = logging.getLogger("ssl_vision")
+
 OPTIMIZERS = ("sgd", "adamw", "lars")
+LARS_TRUST = ("moco_v3", "solo_learn")
 
 
 class LARS(torch.optim.Optimizer):
-    """Layer-wise Adaptive Rate Scaling (You et al. 2017) as used by SimCLR.
+    """Layer-wise Adaptive Rate Scaling (You et al. 2017), SGD with momentum underneath.
 
-    Parameters in a group with ``lars_exclude=True`` (biases, norms, the probe) are updated by
-    plain SGD with momentum and without weight decay adaptation.
+    Every parameter ``w`` with gradient ``g`` in a group without ``lars_exclude`` takes the step
+    ``lr * buf`` with ``buf = momentum * buf + s * (g + wd * w)`` and a per-tensor scale ``s``:
+
+    - ``trust="moco_v3"`` (facebookresearch/moco-v3 ``moco/optimizer.py``; facebookresearch/mae
+      ``util/lars.py`` is the same code): ``s = eta ||w|| / ||g + wd w||``, 1 if either norm is 0.
+    - ``trust="solo_learn"`` (vturrisi/solo-learn ``solo/utils/lars.py``, from Lightning Bolts):
+      ``s = eta ||w|| / (||g|| + wd ||w|| + eps)``; if ``||w||`` or ``||g||`` is 0 the raw gradient
+      is used, without weight decay.
+    - ``clip_lr`` (solo-learn's ``clip_lr``, LARC's clipping): ``s = min(s / lr, 1)``, so the
+      step is ``min(s, lr)`` times the update instead of ``lr * s``.
+
+    Groups with ``lars_exclude=True`` (biases, norms, the probe: the references exclude every
+    parameter of at most one dimension) take plain SGD steps ``buf = momentum * buf + g + wd * w``.
+    ``timm.optim.Lars`` is not used: it has only the solo-learn formula, and it still applies
+    weight decay when a norm is 0 and adapts only groups with weight decay unless ``always_adapt``.
+
+    The update runs on whole groups with ``torch._foreach_*`` ops and needs no host sync: a
+    constant number of kernel launches per group, plus one multiply per tensor (``s`` is a device
+    scalar per tensor; torch's fused lists take host scalars only, which would cost a sync).
     """
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, eps=1e-8):
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, trust="moco_v3",
+                 clip_lr=False, eps=1e-8):
+        if trust not in LARS_TRUST:
+            raise ConfigError(f"optimizer.lars_trust: unknown formula '{trust}'; choose one of: {', '.join(LARS_TRUST)}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                                      eps=eps, lars_exclude=False))
+                                      trust=trust, clip_lr=bool(clip_lr), eps=eps, lars_exclude=False))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # optimizer states saved before these options existed
+            for key, value in (("trust", "moco_v3"), ("clip_lr", False), ("eps", 1e-8), ("lars_exclude", False)):
+                group.setdefault(key, value)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -30,24 +61,52 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            buckets: dict = {}  # foreach ops need one device and dtype per list
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if group["weight_decay"]:
-                    g = g.add(p, alpha=group["weight_decay"])
-                if not group["lars_exclude"]:
-                    p_norm, g_norm = torch.linalg.norm(p), torch.linalg.norm(g)
-                    trust = torch.where((p_norm > 0) & (g_norm > 0),
-                                        group["eta"] * p_norm / (g_norm + group["eps"]), torch.ones_like(p_norm))
-                    g = g * trust
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.clone(g).detach()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+                if p.grad is not None:
+                    buckets.setdefault((p.device, p.dtype), []).append(p)
+            for params in buckets.values():
+                self._update(group, params)
         return loss
+
+    def _update(self, group: dict, params: list) -> None:
+        grads = [p.grad for p in params]
+        wd = float(group["weight_decay"])
+        # out of place: p.grad stays the raw gradient
+        update = torch._foreach_add(grads, params, alpha=wd) if wd else torch._foreach_mul(grads, 1.0)
+        if not group["lars_exclude"]:
+            scale = self._scale(group, params, grads, update)
+            torch._foreach_mul_(update, list(scale.unbind(0)))
+        state = [self.state[p] for p in params]
+        old = [i for i, st in enumerate(state) if "momentum_buffer" in st]
+        if old:
+            bufs = [state[i]["momentum_buffer"] for i in old]
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, [update[i] for i in old])
+        for st, u in zip(state, update):  # a tensor's first step: its buffer is the update itself
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.clone(u).detach()
+        torch._foreach_add_(params, [st["momentum_buffer"] for st in state], alpha=-group["lr"])
+
+    @staticmethod
+    def _scale(group: dict, params: list, grads: list, update: list) -> torch.Tensor:
+        """Per-tensor factor (N,) that multiplies ``update = g + wd * w`` (see the class docstring)."""
+        wd, eta = float(group["weight_decay"]), float(group["eta"])
+        w_norm = torch.stack(torch._foreach_norm(params))
+        if group["trust"] == "moco_v3":
+            u_norm = torch.stack(torch._foreach_norm(update))
+            scale = eta * w_norm / u_norm
+            if group["clip_lr"]:
+                scale = torch.clamp(scale / group["lr"], max=1.0)
+            return torch.where((w_norm > 0) & (u_norm > 0), scale, torch.ones_like(scale))
+        g_norm = torch.stack(torch._foreach_norm(grads))
+        valid = (w_norm > 0) & (g_norm > 0)
+        scale = eta * w_norm / (g_norm + w_norm * wd + group["eps"])
+        if group["clip_lr"]:
+            scale = torch.clamp(scale / group["lr"], max=1.0)
+        # invalid: the raw gradient. ||w|| = 0 makes wd * w = 0, so factor 1; ||g|| = 0 with w != 0
+        # must drop wd * w, and g = 0, so factor 0
+        return torch.where(valid, scale, (w_norm == 0).to(scale.dtype))
 
 
 def split_decay(module: nn.Module, exclude_bias_norm: bool) -> tuple[list, list]:
@@ -77,7 +136,8 @@ def build_optimizer(ocfg, groups: list[dict]) -> torch.optim.Optimizer:
             g.pop("lars_exclude", None)
         return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=tuple(ocfg.get("betas", (0.9, 0.999))))
     if name == "lars":
-        return LARS(groups, lr=groups[0]["lr"], momentum=ocfg.get("momentum", 0.9), eta=ocfg.get("eta", 0.001))
+        return LARS(groups, lr=groups[0]["lr"], momentum=ocfg.get("momentum", 0.9), eta=ocfg.get("eta", 0.001),
+                    trust=ocfg.get("lars_trust", "moco_v3"), clip_lr=bool(ocfg.get("clip_lr", False)))
     raise ConfigError(f"optimizer.name: unknown optimizer '{name}'; choose one of: {', '.join(OPTIMIZERS)}")
 
 
@@ -90,6 +150,52 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# What a method's loss takes from the batch beyond per-sample terms: with gradient accumulation it
+# sees one micro-batch (data.batch_size per device) at a time, while the lr scaling counts the
+# accumulated global batch. ``None``: nothing (a ResNet backbone's BatchNorm statistics aside).
+BATCH_COUPLING = {
+    "simclr": "its negatives (2B - 2 per sample, from the micro-batch instead of the accumulated batch) and the "
+              "BatchNorm statistics of its projector",
+    "moco_v3": "its negatives (the keys of the micro-batch) and the BatchNorm statistics of projector and predictor",
+    "moco_v2": None,  # the queue keeps its negatives (it is filled every micro-batch); no BatchNorm in the head
+    "mae": None,      # per-sample loss
+}
+
+
+def gradient_accumulation_check(cfg, accumulate: int) -> list[str]:
+    """Say what gradient accumulation changes for this run; refuse it where a recipe would silently
+    differ from its reference.
+
+    Logs and returns the warnings (one line each; empty when nothing changes). Raises ``ConfigError``
+    when ``cfg.recipe`` (set by the ``conf/experiment`` recipes) is strict and the loss depends on the
+    batch (``BATCH_COUPLING``, or a ResNet's BatchNorm) at an accumulation the reference does not use
+    (``recipe.accumulate_grad_batches``, default 1). Call it before the Trainer starts.
+    """
+    accumulate = int(accumulate or 1)
+    recipe = cfg.get("recipe") or {}
+    if accumulate <= 1 or accumulate == int(recipe.get("accumulate_grad_batches", 1)):
+        return []
+    method = cfg.method.name
+    known = method in BATCH_COUPLING
+    parts = [BATCH_COUPLING[method]] if known else ["whatever batch statistics its loss uses"]
+    if not str(cfg.backbone.name).startswith(("vit", "deit")):
+        parts.append("the BatchNorm statistics of the backbone")
+    parts = [x for x in parts if x]
+    if not parts:
+        return []
+    message = (f"trainer.accumulate_grad_batches={accumulate}: {method} then sees micro-batches of "
+               f"{int(cfg.data.batch_size)} per device for {' and '.join(parts)}, while the learning rate is "
+               f"scaled for the accumulated batch"
+               + ("" if known else f" (method '{method}' is not in ssl_vision.optim.BATCH_COUPLING: check it)"))
+    if recipe and recipe.get("strict", True) and known:
+        raise ConfigError(
+            f"{message}; recipe '{recipe.get('name', '?')}' follows {recipe.get('reference', 'its reference')}, "
+            f"which trains on the whole batch: raise data.batch_size (or the number of devices) instead, or set "
+            f"recipe.strict=false to accept the difference")
+    log.warning("%s", message)
+    return [message]
+
+
 def check_optimizer_config(ocfg) -> None:
     if ocfg.name not in OPTIMIZERS:
         raise ConfigError(f"optimizer.name: unknown optimizer '{ocfg.name}'; choose one of: {', '.join(OPTIMIZERS)}")
@@ -97,3 +203,8 @@ def check_optimizer_config(ocfg) -> None:
         raise ConfigError(f"optimizer.lr: must be a positive number, got {ocfg.lr}")
     if ocfg.weight_decay < 0:
         raise ConfigError(f"optimizer.weight_decay: must be >= 0, got {ocfg.weight_decay}")
+    trust = ocfg.get("lars_trust", "moco_v3")
+    if trust not in LARS_TRUST:
+        raise ConfigError(f"optimizer.lars_trust: unknown formula '{trust}'; choose one of: {', '.join(LARS_TRUST)}")
+    if ocfg.get("clip_lr", False) not in (True, False):
+        raise ConfigError(f"optimizer.clip_lr: must be true or false, got {ocfg.clip_lr}")

@@ -53,18 +53,17 @@ def _empty(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
-def plot_training_curves(metrics_csv, out_png) -> Path:
-    """Three panels from a run's ``metrics.csv``: loss vs step, online probe top-1 vs epoch (val and
-    train, when logged), learning rate vs step. A missing column leaves a note in its panel (e.g. an
-    unlabelled run has no probe). Writes ``out_png`` (1500 x 400 px) and returns its path."""
+def training_curves_figure(metrics_csv) -> Figure:
+    """The figure of ``plot_training_curves`` (not saved)."""
     cols = _read_columns(metrics_csv)
     fig = Figure(figsize=CURVES_SIZE, dpi=DPI)
     ax_loss, ax_probe, ax_lr = fig.subplots(1, 3)
     panels = [
         (ax_loss, "training loss", "step", [("train/loss_step", 0, "per step", "-"),
                                             ("train/loss_epoch", 0, "epoch mean", "o-")]),
-        (ax_probe, "online linear probe top-1", "epoch", [("val/probe_top1", 1, "val", "o-"),
-                                                          ("train/probe_top1", 1, "train", "s--")]),
+        (ax_probe, "online linear probe and kNN top-1", "epoch", [("val/probe_top1", 1, "probe (val)", "o-"),
+                                                                  ("train/probe_top1", 1, "probe (train)", "s--"),
+                                                                  ("val/knn_top1", 1, "kNN (val)", "^-")]),
         (ax_lr, "learning rate", "step", [("train/lr", 0, None, "-")]),
     ]
     for ax, title, xlabel, curves in panels:
@@ -86,7 +85,15 @@ def plot_training_curves(metrics_csv, out_png) -> Path:
             ax.set_xticks(sorted(seen_x))
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=DPI)
+    return fig
+
+
+def plot_training_curves(metrics_csv, out_png) -> Path:
+    """Three panels from a run's ``metrics.csv``: loss vs step; online linear probe top-1 (val and train) and
+    online kNN top-1 (val, ``eval.online_knn``) vs epoch, when logged; learning rate vs step. A missing
+    column leaves a note in its panel (e.g. an unlabelled run has no probe). Writes ``out_png``
+    (1500 x 400 px) and returns its path."""
+    training_curves_figure(metrics_csv).savefig(out_png, dpi=DPI)
     return Path(out_png)
 
 

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .augment import EvalTransform
-from .config import ConfigError, check_overrides, conf_dir
+from .cli import entry_point
+from .config import ConfigError
 from .data import SSLDataModule
 from .evaluation import backbone_from_checkpoint, evaluate_backbone, load_checkpoint
 
@@ -32,8 +31,10 @@ def probe_data_config(train_cfg: DictConfig, override: DictConfig | None) -> Dic
 def probe_eval_config(train_cfg: DictConfig, cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """On the run's own data, the evaluation settings the run itself used (so the probe reproduces its
     numbers) with the ``eval.*`` keys of the command line ``overrides`` on top; on other data
-    (``data=...`` given) ``cfg.eval``, the defaults of conf/eval with the command line applied."""
-    if cfg.get("data") is not None or "eval" not in train_cfg:
+    (``data=...`` given), or with a protocol named on the command line (``eval=mae_linprobe``),
+    ``cfg.eval``: that conf/eval option with the command line applied."""
+    named = any(o.lstrip("+").startswith("eval=") for o in overrides)
+    if cfg.get("data") is not None or "eval" not in train_cfg or named:
         return cfg.eval
     given = [o.lstrip("+") for o in overrides if o.lstrip("+").startswith("eval.")]
     return OmegaConf.merge(train_cfg.eval, OmegaConf.from_dotlist(given).get("eval", {}))
@@ -65,23 +66,7 @@ def probe(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(config_path=str(conf_dir()), config_name="probe", version_base=None)
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        probe(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    try:
-        check_overrides(sys.argv[1:], "probe")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    _hydra_main()
-
+main = entry_point("probe", probe)
 
 if __name__ == "__main__":
     main()

@@ -35,6 +35,16 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
+def _mix_int(x: int) -> int:
+    """``_mix`` of one Python int (the per-batch part of a key: no tensor, so nothing to sync)."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & _M32
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
+
+
 def stream_id(name: str) -> int:
     """A stable 32-bit id for a stream name."""
     return zlib.crc32(name.encode())
@@ -47,8 +57,7 @@ def keyed_uniform(seed: int, epoch: int, index: torch.Tensor, stream: str | int,
     that sample's stream.
     """
     sid = stream_id(stream) if isinstance(stream, str) else int(stream)
-    base = int(_mix(torch.tensor((int(seed) * _GOLDEN + sid) & _M32)))
-    base = int(_mix(torch.tensor((base ^ (int(epoch) * 0x85EBCA6B)) & _M32)))
+    base = _mix_int(_mix_int(int(seed) * _GOLDEN + sid) ^ (int(epoch) * 0x85EBCA6B))
     key = _mix((index.to(torch.int64) & _M32) ^ base)  # (B,)
     counter = torch.arange(n, device=index.device, dtype=torch.int64) * _GOLDEN
     bits = _mix((key[:, None] + counter[None, :] + 1) & _M32)

@@ -134,11 +134,15 @@ def test_each_image_gets_torchvisions_ops_in_its_own_random_order():
     (out,) = aug.apply(images, sizes, [plan])
     crops = resized_crop(images.float() / 255, plan["boxes"], sizes, 16, plan["flip"])
     orders = set()
+    def members(key):
+        a, b = plan["slices"][key]
+        return plan["index"][a:b].tolist()
+
+    blurred = members("blur")
     for i in range(32):
-        blurred = (plan["blur_index"] == i).nonzero()
-        p = {"jitter_ops": plan["jitter_ops"][i], "jitter_factors": plan["jitter_factors"][i], "gray": bool(plan["gray"][i]),
-             "blur": float(plan["blur_sigma"][blurred[0, 0]]) if len(blurred) else None,
-             "solarize": bool(plan["solarize"][i])}
+        p = {"jitter_ops": plan["jitter_ops"][i], "jitter_factors": plan["jitter_factors"][i],
+             "gray": i in members("gray"), "blur": float(plan["blur_sigma"][blurred.index(i)]) if i in blurred else None,
+             "solarize": i in members("solarize")}
         orders.add(tuple(p["jitter_ops"].tolist()))
         ref = _reference_view(crops[i], p, aug.views[0], MEAN, STD)
         assert torch.allclose(out[i], ref, atol=1e-4), i
@@ -175,7 +179,8 @@ def test_blur_only_on_views_of_at_least_blur_min_size(make_cfg):
     aug = build_augment(cfg2.augment, 32, MEAN, STD)
     assert aug.probabilities(0)["blur"] == 0.5
     plan = aug.plan(torch.tensor([[32, 32, 32, 32]] * 64), torch.arange(64))[0]
-    assert 16 < len(plan["blur_index"]) < 48 and len(plan["blur_sigma"]) == len(plan["blur_index"])
+    a, b = plan["slices"]["blur"]
+    assert 16 < b - a < 48 and len(plan["blur_sigma"]) == b - a
 
 
 def test_per_view_settings_override_shared_ones():

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,15 +10,21 @@ import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench.py"
 REQUIRED = ("floor_ms", "step_ms", "step_over_floor", "images_per_second", "augment_images_per_second",
-            "peak_memory_mb")
+            "flops_per_image", "peak_memory_mb")
+
+
+def bench_module():
+    if "ssl_vision_bench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("ssl_vision_bench", BENCH)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["ssl_vision_bench"] = module
+    return sys.modules["ssl_vision_bench"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("ssl_vision_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module()
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +43,11 @@ def check_record(r, batch):
     assert len(r["step_samples_ms"]) == len(r["floor_samples_ms"]) == 2
     assert r["step_over_floor"] == pytest.approx(r["step_ms"] / r["floor_ms"])
     assert r["images_per_second"] == pytest.approx(batch / (r["step_ms"] / 1e3))
+    # no host sync in the hot path of the step (training step, probe, loss, EMA / queue); the others are
+    # counted and reported: the augmentation's (Kornia), the loader's host tensors, Lightning's, torch.optim's
+    syncs = r["host_syncs_per_step"]
+    assert set(syncs) == set(bench_module().CATEGORIES) and syncs["step"] == 0, r["host_sync_sites"]
+    assert syncs["lightning"] == 0  # none on a step without logging: no per-step progress-bar value
 
 
 def test_cli_benchmarks_the_resnet_methods_and_writes_the_records(bench, tmp_path, capsys):
@@ -107,3 +119,50 @@ def test_moco_v2_queue_and_data_fit_the_batch(bench):
     assert cfg.method.queue_size == 16 * 8
     assert cfg.data.num_samples * (1 - cfg.data.val_fraction) >= cfg.method.queue_size
     assert (cfg.data.image_size, cfg.data.canvas_size, cfg.data.batch_size) == (16, 16, 8)
+
+
+def test_a_host_sync_in_the_step_is_counted_and_located(bench, monkeypatch):
+    """The counter's negative control: a step that reads its loss on the host (``float(loss)``, as a
+    non-finite check by ``if not torch.isfinite(loss)`` would) and indexes with a boolean mask."""
+    from ssl_vision.methods.base import SSLMethod
+
+    online_probe = SSLMethod.online_probe
+
+    def syncing_probe(self, feats, labels):
+        known = labels >= 0
+        feats[known].sum()  # boolean-mask indexing: nonzero inside
+        out = online_probe(self, feats, labels)
+        float(out[0].detach())  # .item()
+        return out
+
+    monkeypatch.setattr(SSLMethod, "online_probe", syncing_probe)
+    r = bench.bench_one("simclr", "resnet18_tiny", 16, 8, warmup=1, repeats=1, device="cpu")
+    assert r["host_syncs_per_step"]["step"] == 2
+    # each is located at the line of ssl_vision that called the code which synced
+    sites = [s for s in r["host_sync_sites"] if s.startswith("step: ssl_vision.methods.base:")]
+    assert len(sites) == 2 and all("(training_step)" in s for s in sites), r["host_sync_sites"]
+    assert {s.split()[-1] for s in sites} == {"aten.index", "aten._local_scalar_dense"}
+
+
+def test_gpu_counting_takes_the_sync_debug_warnings_and_passes_the_others_on(bench, monkeypatch):
+    """The GPU path without a GPU: torch.cuda.set_sync_debug_mode("warn") makes every synchronizing call warn
+    "called a synchronizing CUDA operation" (c10/cuda); the counter turns those into events, every other
+    warning still reaches the user, and stop() restores the warning machinery and the debug mode."""
+    import warnings
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *args, **kwargs: shown.append(str(message)))
+    counter = bench.HostSyncCounter(cuda=True)
+    counter.start()
+    for _ in range(2):  # the same call site twice: both counted
+        warnings.warn("called a synchronizing CUDA operation")
+    warnings.warn("something else")
+    counter.stop()
+    warnings.warn("after the window")
+    assert modes == ["warn", 0]
+    assert [what for _, what, _ in counter.events] == ["cuda sync", "cuda sync"]
+    assert counter.summary()[0]["other"] == 2  # this test's frames are neither ssl_vision's nor Lightning's
+    assert shown == ["something else", "after the window"]

@@ -118,3 +118,22 @@ def test_slurm_launcher_allocation_follows_the_trainer():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
+
+
+def test_several_loggers_from_the_shell_compose(tmp_path):
+    r = cli("train", "logger=[csv,tensorboard]", "+callbacks.lr_monitor._target_=lightning.pytorch.callbacks."
+            "LearningRateMonitor", "--cfg", "job", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(r.stdout)
+    assert list(cfg.logger) == ["csv", "tensorboard"]
+    assert cfg.logger.tensorboard._target_ == "lightning.pytorch.loggers.TensorBoardLogger"
+    assert cfg.callbacks.lr_monitor._target_ == "lightning.pytorch.callbacks.LearningRateMonitor"
+
+
+def test_a_method_target_that_is_not_a_method_is_one_line_from_the_shell(tmp_path):
+    r = cli("train", *TINY, "method._target_=collections.OrderedDict", "method.name=ordered", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["error: method._target_: 'collections.OrderedDict' is not a subclass of "
+                                             "ssl_vision.methods.base.SSLMethod"]

@@ -228,7 +228,7 @@ def test_pretraining_batches_keep_their_size_by_repeating_readable_samples(tmp_p
     for i, j in zip(idx.tolist(), range(9)):
         assert torch.equal(images[j], ds[i][0]) and torch.equal(sizes[j], ds[i][1])
     # the DataModule refills its pre-training batches only; evaluation sees each readable image once
-    dm = SSLDataModule(make_cfg("data=imagefolder", f"data.path={tmp_path}", "data.canvas_size=8",
+    dm = SSLDataModule(make_cfg("data=imagefolder", f"data.path={tmp_path}", "data.image_size=8", "data.canvas_size=8",
                                 "data.batch_size=2", "data.num_workers=0").data)
     dm.setup()
     assert dm.train_dataloader().collate_fn.refill
@@ -258,7 +258,7 @@ class _MeanColour(L.LightningModule):
 def test_skipped_files_report_logs_the_count_every_epoch(tmp_path, make_cfg, caplog):
     write_tree_with_broken_files(tmp_path / "train", good_per_class=4)
     write_tree_with_broken_files(tmp_path / "val", good_per_class=2)
-    dm = SSLDataModule(make_cfg("data=imagefolder", f"data.path={tmp_path}", "data.canvas_size=8",
+    dm = SSLDataModule(make_cfg("data=imagefolder", f"data.path={tmp_path}", "data.image_size=8", "data.canvas_size=8",
                                 "data.batch_size=2", "data.num_workers=0").data)
     caplog.set_level(logging.WARNING, logger="ssl_vision.data")
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,

@@ -378,3 +378,94 @@ def test_unlabelled_folder_pre_trains_and_skips_the_probes_with_a_message(tmp_pa
     assert summary["steps"] == 2 and "linear_probe_top1" not in summary
     assert (tmp_path / "run" / "summary.json").is_file()
     assert any("no labels" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
+
+
+# --- SimCLR's semi-supervised subsets (data.label_subset) -----------------------------------------------------
+
+
+def test_shipped_subset_lists_hold_the_published_names():
+    from ssl_vision.data.formats import imagenet_subset
+
+    one, ten = imagenet_subset("1percent"), imagenet_subset("10percent")
+    assert len(one) == len(set(one)) == 12_811 and len(ten) == len(set(ten)) == 128_116
+    assert set(one) <= set(ten)  # the 1% images are among the 10%
+    for names in (one, ten):
+        assert len({n.split("_")[0] for n in names}) == 1000 and all(n.endswith(".JPEG") for n in names)
+    classes = set(imagenet100_classes())  # data=imagenet100: the lists restricted to its classes, ~1% / 10%
+    assert sum(n.split("_")[0] in classes for n in one) == 1278 and sum(n.split("_")[0] in classes for n in ten) == 12_812
+    root = Path(__file__).resolve().parent.parent / "ssl_vision" / "resources" / "imagenet_subsets"
+    notice = (root / "NOTICE").read_text()
+    assert "google-research/simclr" in notice and "Apache License, Version 2.0" in notice
+    assert "Apache License" in (root / "LICENSE").read_text()
+
+
+def write_subset_tree(root, wnids, unlisted=2):
+    """train/<wnid>/ with every file the 1% list names for ``wnid`` plus ``unlisted`` files it does not name;
+    val/<wnid>/ with one image. Returns (listed names, unlisted names)."""
+    from ssl_vision.data.formats import imagenet_subset
+
+    listed = [n for n in imagenet_subset("1percent") if n.split("_")[0] in wnids]
+    ten = set(imagenet_subset("10percent"))
+    others = []
+    for w in wnids:
+        k = 900000
+        while len([o for o in others if o.startswith(w)]) < unlisted:
+            name = f"{w}_{k}.JPEG"
+            if name not in ten:
+                others.append(name)
+            k += 1
+    pixels = np.full((8, 8, 3), 128, dtype=np.uint8)
+    for name in listed + others:
+        (root / "train" / name.split("_")[0]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(root / "train" / name.split("_")[0] / name, format="JPEG")
+    for w in wnids:
+        (root / "val" / w).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(root / "val" / w / f"ILSVRC2012_val_{w}.JPEG", format="JPEG")
+    return listed, others
+
+
+def test_label_subset_selects_exactly_the_listed_files(tmp_path, make_cfg):
+    wnids = ["n01440764", "n01443537", "n02102040"]
+    listed, unlisted = write_subset_tree(tmp_path, wnids)
+    assert len(listed) == 13 + 12 + 13 and len(unlisted) == 6
+    dm = data_module(make_cfg, "data=imagenet", f"data.path={tmp_path}", "data.label_subset=1percent", *SMALL)
+    probe = dm.probe_train_set
+    names = sorted(Path(probe.base.path(int(i))).name for i in probe.indices)
+    assert names == sorted(listed)  # every listed file, no unlisted one
+    assert all(wnids[int(probe.labels[j])] == Path(probe.base.path(int(probe.indices[j]))).parent.name
+               for j in range(len(probe)))
+    # pre-training sees every image; only the listed ones keep their label (the online probe's)
+    assert len(dm.pretrain_set) == len(listed) + len(unlisted)
+    kept = {Path(dm.pretrain_set.base.path(i)).name for i in range(len(dm.pretrain_set)) if dm.pretrain_set.labels[i] >= 0}
+    assert kept == set(listed)
+    images, _, labels, _ = next(iter(dm.probe_dataloaders(batch_size=4)[0]))
+    assert images.shape == (4, 3, 20, 20) and (labels >= 0).all()
+
+    # the 10% list names files this tree lacks: one line with how many
+    msg = one_line_error(make_cfg, "data=imagenet", f"data.path={tmp_path}", "data.label_subset=10percent", *SMALL)
+    from ssl_vision.data.formats import imagenet_subset
+
+    ten = [n for n in imagenet_subset("10percent") if n.split("_")[0] in wnids]
+    assert msg.startswith(f"data.label_subset: {len(ten) - len(listed)} of the {len(ten)} files listed in 10percent "
+                          f"for the 3 classes under '{tmp_path}/train' are missing")
+    (tmp_path / "train" / listed[0].split("_")[0] / listed[0]).unlink()
+    msg = one_line_error(make_cfg, "data=imagenet", f"data.path={tmp_path}", "data.label_subset=1percent", *SMALL)
+    assert "1 of the 38 files listed in 1percent" in msg and f"(e.g. {listed[0]} in {listed[0].split('_')[0]}/)" in msg
+
+
+def test_label_subset_settings_fail_in_one_line(tmp_path, make_cfg):
+    write_subset_tree(tmp_path, ["n01440764"])
+    base = ("data=imagenet", f"data.path={tmp_path}", *SMALL)
+    assert "unknown subset '5percent'; choose one of: 1percent, 10percent" in \
+        one_line_error(make_cfg, *base, "data.label_subset=5percent")
+    assert "set together with data.label_fraction=0.1; use one" in \
+        one_line_error(make_cfg, *base, "data.label_subset=1percent", "data.label_fraction=0.1")
+    msg = one_line_error(make_cfg, "data=synthetic", "+data.label_subset=1percent")
+    assert "for data=imagenet or imagenet100, not 'synthetic'; use data.label_fraction instead" in msg
+    (tmp_path / "other" / "train" / "cats").mkdir(parents=True)
+    (tmp_path / "other" / "val" / "cats").mkdir(parents=True)
+    for split in ("train", "val"):
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "other" / split / "cats" / "a.jpg")
+    msg = one_line_error(make_cfg, "data=imagenet", f"data.path={tmp_path / 'other'}", "data.label_subset=1percent",
+                         *SMALL)
+    assert "none of the files listed in 1percent belongs to the 1 classes" in msg

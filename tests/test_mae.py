@@ -2,15 +2,17 @@
 
 import lightning as L
 import pytest
-import torch
-import yaml
+import math
 
-from ssl_vision.config import ConfigError, conf_dir
+import torch
+from torch import nn
+
+from ssl_vision.config import ConfigError
 from ssl_vision.data import SSLDataModule
 from ssl_vision.losses import mae_loss
 from ssl_vision.methods import build_method
+from ssl_vision.methods.base import LocalBatchNorm1d
 from ssl_vision.methods.mae import MAE, patchify, random_masking, unpatchify
-from ssl_vision.optim import build_optimizer
 from ssl_vision.pos_embed import sincos_1d, sincos_2d
 
 TINY_MAE = ("method=mae", "data=synthetic", "backbone=vit_tiny", "data.image_size=16", "backbone.patch_size=4",
@@ -169,7 +171,8 @@ def test_mae_trains_in_lightning_and_the_online_probe_learns(make_cfg):
     torch.manual_seed(0)
     model = build_method(cfg, 4)
     # the online probe standardizes the features first (BN without affine), as MAE's linear probe does
-    assert isinstance(model.probe[0], torch.nn.BatchNorm1d) and not model.probe[0].affine
+    # (a BatchNorm that SyncBatchNorm leaves per rank: tests/test_ddp.py)
+    assert isinstance(model.probe[0], LocalBatchNorm1d) and not list(model.probe[0].parameters())
     probe = model.probe[-1].weight.detach().clone()
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -180,46 +183,76 @@ def test_mae_trains_in_lightning_and_the_online_probe_learns(make_cfg):
     assert torch.isfinite(trainer.callback_metrics["train/loss_step"])
 
 
-# --- recipes (conf/experiment) ------------------------------------------------------------------------
+class _ProbeWatch(L.Callback):
+    """Per training step: the probe's weight after the optimizer step, and how many full-token encoder passes ran."""
 
-RECIPES = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+    def __init__(self, model):
+        self.weights, self.full_passes, self._passes = [], [], 0
+        model.backbone.blocks[0].register_forward_hook(self._count)
 
+    def _count(self, module, inputs, output):
+        self._passes += inputs[0].shape[1] == 17  # class token + all 16 patches: not the masked encoder
 
-def test_every_method_and_dataset_has_its_recipes():
-    for name in ("cifar10_simclr_resnet18", "cifar10_moco_v2_resnet18", "cifar10_moco_v3_resnet18",
-                 "cifar10_moco_v3_vit_small", "cifar10_mae_vit_small", "imagenet100_simclr_resnet18",
-                 "imagenet100_moco_v2_resnet18", "imagenet100_moco_v3_resnet18",
-                 "imagenet100_moco_v3_vit_small", "imagenet100_mae_vit_base"):
-        assert name in RECIPES, name
-
-
-@pytest.mark.parametrize("name", RECIPES)
-def test_recipe_is_a_global_package_with_overrides_and_a_reference(name):
-    path = conf_dir() / "experiment" / f"{name}.yaml"
-    lines = path.read_text().splitlines()
-    assert lines[0] == "# @package _global_"
-    comment = " ".join(line for line in lines if line.startswith("#"))
-    assert any(ref in comment for ref in ("solo-learn", "MoCo v3 paper", "MAE paper")), "names its reference"
-    recipe = yaml.safe_load(path.read_text())
-    overrides = {k: v for d in recipe["defaults"] for k, v in d.items()}
-    dataset, method = name.split("_")[0], overrides["override /method"]
-    assert set(overrides) == {"override /method", "override /backbone", "override /data"}
-    assert overrides["override /data"] == dataset and method in name
-    assert overrides["override /backbone"] in name
-    assert (conf_dir() / "method" / f"{method}.yaml").is_file()
-    assert (conf_dir() / "backbone" / f"{overrides['override /backbone']}.yaml").is_file()
-    assert recipe["trainer"]["max_epochs"] >= 300
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights.append(pl_module.probe[-1].weight.detach().clone())
+        self.full_passes.append(self._passes)
+        self._passes = 0
 
 
-@pytest.mark.parametrize("name", RECIPES)
-def test_recipe_composes_and_builds_its_model(make_cfg, name):
-    """Composed on the small synthetic data (its own data config is checked when it exists)."""
-    cfg = make_cfg(f"experiment={name}", "data=synthetic")
-    recipe = yaml.safe_load((conf_dir() / "experiment" / f"{name}.yaml").read_text())
-    for key, value in recipe["method"].items():
-        assert cfg.method[key] == value, key
+def test_probe_every_n_steps_trains_the_probe_and_runs_maes_full_forward_on_due_steps_only(make_cfg):
+    """probe.every_n_steps=3: the probe's weights move at steps 0, 3, 6 only (no momentum drift on the
+    others, where AdamW's moments would move them on a zero gradient) and MAE's no-grad full-image forward runs on those steps alone; a bad value is one line."""
+    cfg = make_cfg(*TINY_MAE, "data.batch_size=16", "probe.every_n_steps=3",
+                   "eval.online_knn.every_n_epochs=0")  # (its bank would need the features every step); AdamW: a zero gradient would still move
+    torch.manual_seed(0)
     model = build_method(cfg, 4)
-    build_optimizer(cfg.optimizer, model.param_groups())
-    dataset = name.split("_")[0]
-    if (conf_dir() / "data" / f"{dataset}.yaml").is_file():
-        assert make_cfg(f"experiment={name}").data.name == dataset
+    start = model.probe[-1].weight.detach().clone()
+    watch = _ProbeWatch(model)
+    trainer = L.Trainer(max_steps=7, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[watch])
+    trainer.fit(model, datamodule=SSLDataModule(cfg.data))
+    before = [start] + watch.weights[:-1]
+    moved = [not torch.equal(w, b) for w, b in zip(watch.weights, before)]
+    assert moved == [True, False, False, True, False, False, True]
+    assert watch.full_passes == [1, 0, 0, 1, 0, 0, 1]
+    with pytest.raises(ConfigError, match="probe.every_n_steps"):
+        build_method(make_cfg(*TINY_MAE, "probe.every_n_steps=-2"), 4)
+
+
+def xavier_bound(fan_out: int, fan_in: int) -> float:
+    return math.sqrt(6.0 / (fan_in + fan_out))
+
+
+def test_encoder_and_decoder_are_initialised_as_models_mae(make_cfg):
+    """facebookresearch/mae models_mae.py initialize_weights: every Linear of encoder and decoder
+    xavier-uniform (bound sqrt(6 / (fan_in + fan_out))) with zero bias, LayerNorms 1 / 0, the patch
+    embedding xavier over its flattened weight (its bias: nn.Conv2d's default bound 1 / sqrt(fan_in)),
+    class and mask tokens N(0, 0.02)."""
+    torch.manual_seed(0)
+    model = build_method(make_cfg("method=mae", "data=synthetic", "backbone=vit_small", "data.image_size=32",
+                                  "backbone.patch_size=4", "method.decoder_dim=64", "method.decoder_depth=1",
+                                  "method.decoder_heads=4"), 4)
+    vit = model.backbone
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith("probe")]
+    assert any(n.startswith("backbone.blocks.0.attn.qkv") for n, _ in linears)
+    for name, m in linears:
+        out_f, in_f = m.weight.shape
+        bound = xavier_bound(out_f, in_f)
+        w = m.weight.detach()
+        assert w.abs().max() <= bound, name
+        # uniform(-b, b): the largest draw is near b and the std is b / sqrt(3)
+        assert w.abs().max() > 0.95 * bound, name
+        assert abs(float(w.std()) - bound / math.sqrt(3)) < 0.05 * bound, name
+        assert torch.equal(m.bias.detach(), torch.zeros_like(m.bias)), name
+    # (timm's own ViT init, trunc-normal std 0.02, fails this: qkv's xavier std is 0.036)
+    norms = [m for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+    assert norms and all(torch.equal(m.weight, torch.ones_like(m.weight)) and
+                         torch.equal(m.bias, torch.zeros_like(m.bias)) for m in norms)
+    proj = vit.patch_embed.proj
+    fan_in = proj.weight[0].numel()  # 3 * 4 * 4
+    bound = xavier_bound(proj.weight.shape[0], fan_in)
+    assert proj.weight.abs().max() <= bound and proj.weight.abs().max() > 0.95 * bound
+    assert 0 < proj.bias.abs().max() <= 1 / math.sqrt(fan_in)
+    for token in (vit.cls_token, model.mask_token):
+        assert abs(float(token.detach().std()) - 0.02) < 0.006

@@ -122,6 +122,49 @@ def test_moco_v3_vit_heads_frozen_patch_projection_and_sincos(make_cfg):
     assert model.temperature == 0.5
 
 
+def test_moco_v3_vit_is_initialised_as_vits_py(make_cfg):
+    """facebookresearch/moco-v3 vits.py: qkv uniform with the xavier bound of one Q/K/V part,
+    sqrt(6 / (out/3 + in)); every other Linear xavier-uniform; zero biases; class token N(0, 1e-6);
+    patch projection xavier-uniform over the flattened patch with zero bias. The momentum encoder
+    starts as an exact copy."""
+    torch.manual_seed(0)
+    model = build_method(make_cfg("method=moco_v3", "data=synthetic", "backbone=vit_small", "data.image_size=32",
+                                  "backbone.patch_size=4", "+backbone.kwargs.num_heads=12",
+                                  "method.proj_hidden_dim=64", "method.pred_hidden_dim=64",
+                                  "method.proj_output_dim=16"), 4)
+    vit = model.backbone
+
+    def check_uniform(w, bound, name):
+        w = w.detach()
+        assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound, name
+        assert abs(float(w.std()) - bound / math.sqrt(3)) < 0.05 * bound, name
+
+    linears = [(n, m) for n, m in vit.named_modules() if isinstance(m, nn.Linear)]
+    qkv = [(n, m) for n, m in linears if "qkv" in n]
+    assert len(qkv) == 12
+    for name, m in linears:
+        out_f, in_f = m.weight.shape
+        if "qkv" in name:  # 1152 x 384: bound sqrt(6 / (384 + 384)), not the whole matrix's sqrt(6 / (1152 + 384))
+            bound = math.sqrt(6.0 / (out_f // 3 + in_f))
+            for part in m.weight.chunk(3):
+                check_uniform(part, bound, name)
+        else:
+            check_uniform(m.weight, math.sqrt(6.0 / (out_f + in_f)), name)
+        assert torch.equal(m.bias.detach(), torch.zeros_like(m.bias)), name
+    assert float(vit.cls_token.detach().std()) < 3e-6 and vit.cls_token.abs().max() > 0
+    proj = vit.patch_embed.proj
+    check_uniform(proj.weight, math.sqrt(6.0 / (3 * 4 * 4 + 384)), "patch_embed")
+    assert torch.equal(proj.bias.detach(), torch.zeros(384))
+    for a, b in zip(vit.state_dict().values(), model.momentum_backbone.state_dict().values()):
+        assert torch.equal(a, b)
+    # off: timm's own init (trunc-normal 0.02 Linears)
+    torch.manual_seed(0)
+    plain = build_method(make_cfg("method=moco_v3", "data=synthetic", "backbone=vit_small", "data.image_size=32",
+                                  "backbone.patch_size=4", "method.vit_moco_init=false", "method.proj_hidden_dim=64",
+                                  "method.pred_hidden_dim=64", "method.proj_output_dim=16"), 4)
+    assert abs(float(plain.backbone.blocks[0].mlp.fc1.weight.detach().std()) - 0.02) < 0.002
+
+
 def test_moco_v3_views_are_asymmetric(make_cfg):
     cfg = make_cfg("method=moco_v3", "data=synthetic", "backbone=resnet18_tiny", "data.image_size=96")
     model = build_method(cfg, 4)

@@ -90,3 +90,23 @@ def test_ema_runs_once_per_optimizer_step_under_accumulation(make_cfg, monkeypat
     # the momentum encoder ran its own forward passes, so its BN statistics are its own
     assert not torch.equal(model.momentum_backbone.bn1.running_mean, init_bn)
     assert not torch.equal(model.momentum_backbone.bn1.running_mean, model.backbone.bn1.running_mean)
+
+
+def test_ema_update_is_two_multi_tensor_ops_whatever_the_number_of_parameters():
+    """torch._foreach_*: two kernels per step for all parameters, not two per parameter."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    online, target = small_net(0), small_net(1)
+    assert len(list(online.parameters())) == 6
+    with Ops() as ops:
+        ema_update(online, target, 0.9)
+    assert [n for n in ops.names if n != "detach"] == ["_foreach_mul_", "_foreach_add_"]

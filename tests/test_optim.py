@@ -1,6 +1,9 @@
+import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from ssl_vision.optim import LARS, scaled_lr, warmup_cosine
+from ssl_vision.config import ConfigError
+from ssl_vision.optim import LARS, build_optimizer, check_optimizer_config, scaled_lr, warmup_cosine
 
 
 def test_warmup_cosine_end_points():
@@ -17,16 +20,186 @@ def test_linear_scaling_rule():
     assert scaled_lr(0.3, 4096, scale=False) == 0.3
 
 
-def test_lars_step_matches_formula():
-    torch.manual_seed(0)
-    w = torch.nn.Parameter(torch.randn(4, 3))
-    b = torch.nn.Parameter(torch.randn(4))
-    w.grad, b.grad = torch.randn(4, 3), torch.randn(4)
-    w0, b0, gw, gb = w.detach().clone(), b.detach().clone(), w.grad.clone(), b.grad.clone()
-    opt = LARS([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0, "lars_exclude": True}],
-               lr=0.5, momentum=0.9, eta=0.02)
+# --- LARS against each reference's update, written out per tensor -----------------------------------
+
+
+def solo_learn_reference(p, g, buf, lr, wd, eta, clip, excluded, momentum=0.9, eps=1e-8):
+    """vturrisi/solo-learn solo/utils/lars.py (HEAD 9187ea3), LARS.step for one tensor:
+    exclude_bias_n_norm skips both the adaptation and the weight decay; so does a zero norm."""
+    d = g
+    if not excluded:
+        p_norm, g_norm = float(p.norm()), float(g.norm())
+        if p_norm != 0 and g_norm != 0:
+            lars_lr = eta * p_norm / (g_norm + p_norm * wd + eps)
+            if clip:
+                lars_lr = min(lars_lr / lr, 1)
+            d = (g + wd * p) * lars_lr
+    buf = d.clone() if buf is None else momentum * buf + d
+    return p - lr * buf, buf
+
+
+def moco_v3_reference(p, g, mu, lr, wd, eta, excluded, momentum=0.9):
+    """facebookresearch/moco-v3 moco/optimizer.py (= facebookresearch/mae util/lars.py), one tensor:
+    parameters of <= 1 dimension get neither weight decay nor adaptation; mu starts at zero."""
+    d = g
+    if not excluded:
+        d = g + wd * p
+        p_norm, u_norm = float(p.norm()), float(d.norm())
+        q = eta * p_norm / u_norm if p_norm > 0 and u_norm > 0 else 1.0
+        d = d * q
+    mu = (torch.zeros_like(p) if mu is None else mu) * momentum + d
+    return p - lr * mu, mu
+
+
+def fixed_problem():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(6, 4), (3, 3, 2, 2), (5, 7), (4, 4)]
+    weights = [torch.randn(s, generator=g) for s in shapes]
+    grad_scales = [1e-3, 1.0, 30.0, 0.0]  # the last weight gets an all-zero gradient
+    steps = [[torch.randn(s, generator=g) * c for s, c in zip(shapes, grad_scales)] for _ in range(2)]
+    biases = [torch.randn(4, generator=g), torch.zeros(3)]  # a zero-norm bias too
+    bias_steps = [[torch.randn(4, generator=g), torch.randn(3, generator=g)] for _ in range(2)]
+    return weights, steps, biases, bias_steps
+
+
+def run_lars(weights, steps, biases, bias_steps, lrs, wd, **kwargs):
+    w = [torch.nn.Parameter(x.clone()) for x in weights]
+    b = [torch.nn.Parameter(x.clone()) for x in biases]
+    opt = LARS([{"params": w, "weight_decay": wd}, {"params": b, "weight_decay": 0.0, "lars_exclude": True}],
+               lr=lrs[0], momentum=0.9, **kwargs)
+    for lr, gw, gb in zip(lrs, steps, bias_steps):
+        for group in opt.param_groups:
+            group["lr"] = lr  # as the scheduler sets it
+        for p, grad in zip(w + b, gw + gb):
+            p.grad = grad.clone()
+        opt.step()
+    return [p.detach() for p in w], [p.detach() for p in b]
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_lars_solo_learn_formula_with_and_without_clipping(clip):
+    weights, steps, biases, bias_steps = fixed_problem()
+    lrs, wd, eta = [0.4, 0.2], 1e-4, 0.02
+    got_w, got_b = run_lars(weights, steps, biases, bias_steps, lrs, wd, eta=eta, trust="solo_learn", clip_lr=clip)
+    for i, p in enumerate(weights):
+        buf = None
+        for lr, gw in zip(lrs, steps):
+            p, buf = solo_learn_reference(p, gw[i], buf, lr, wd, eta, clip, excluded=False)
+        assert torch.allclose(got_w[i], p, atol=1e-6, rtol=1e-5), i
+    for i, p in enumerate(biases):
+        buf = None
+        for lr, gb in zip(lrs, bias_steps):
+            p, buf = solo_learn_reference(p, gb[i], buf, lr, 0.0, eta, clip, excluded=True)
+        assert torch.allclose(got_b[i], p, atol=1e-6), i
+    # the fixture exercises both sides of the clip: tiny gradients give trust > lr, large ones trust < lr
+    trusts = [eta * float(p.norm()) / (float(g.norm()) + float(p.norm()) * wd + 1e-8)
+              for p, g in zip(weights, steps[0]) if float(g.norm()) > 0]
+    assert min(trusts) < lrs[0] < max(trusts)
+    # the zero-gradient weight keeps its value: no weight decay without a gradient (solo-learn)
+    assert torch.equal(got_w[3], weights[3])
+
+
+def test_clipped_step_is_min_of_trust_and_lr_times_the_update():
+    """solo-learn's clip_lr: one step moves w by min(trust, lr) * (g + wd w), unclipped by lr * trust * (g + wd w)."""
+    weights, steps, biases, bias_steps = fixed_problem()
+    lr, wd, eta = 0.4, 1e-4, 0.02
+    clipped, _ = run_lars(weights, steps[:1], biases, bias_steps[:1], [lr], wd, eta=eta, trust="solo_learn",
+                          clip_lr=True)
+    plain, _ = run_lars(weights, steps[:1], biases, bias_steps[:1], [lr], wd, eta=eta, trust="solo_learn")
+    for i in range(3):
+        w, g = weights[i], steps[0][i]
+        trust = eta * float(w.norm()) / (float(g.norm()) + wd * float(w.norm()) + 1e-8)
+        update = g + wd * w
+        assert torch.allclose(clipped[i], w - min(trust, lr) * update, atol=1e-6), i
+        assert torch.allclose(plain[i], w - lr * trust * update, atol=1e-6), i
+    assert not torch.allclose(clipped[0], plain[0])
+
+
+def test_lars_moco_v3_formula():
+    weights, steps, biases, bias_steps = fixed_problem()
+    lrs, wd, eta = [0.6, 0.3], 1e-6, 0.001
+    got_w, got_b = run_lars(weights, steps, biases, bias_steps, lrs, wd, eta=eta, trust="moco_v3")
+    for i, p in enumerate(weights):
+        mu = None
+        for lr, gw in zip(lrs, steps):
+            p, mu = moco_v3_reference(p, gw[i], mu, lr, wd, eta, excluded=False)
+        assert torch.allclose(got_w[i], p, atol=1e-6, rtol=1e-5), i
+    for i, p in enumerate(biases):
+        mu = None
+        for lr, gb in zip(lrs, bias_steps):
+            p, mu = moco_v3_reference(p, gb[i], mu, lr, 0.0, eta, excluded=True)
+        assert torch.allclose(got_b[i], p, atol=1e-6), i
+    # unlike solo-learn, a zero gradient still decays the weight (the update is wd * w, adapted)
+    assert not torch.equal(got_w[3], weights[3])
+
+
+def test_a_tensor_that_joins_later_starts_its_own_momentum_and_keeps_the_others():
+    a, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2, 2))
+    opt = LARS([a, b], lr=0.1, momentum=0.9, eta=0.02)
+    a.grad = torch.full((2, 2), 0.5)
+    opt.step()  # b has no gradient yet
+    buf_a, norm_a = opt.state[a]["momentum_buffer"].clone(), float(a.detach().norm())
+    assert b not in opt.state or "momentum_buffer" not in opt.state[b]
+    a.grad, b.grad = torch.full((2, 2), 0.5), torch.full((2, 2), 0.25)
     opt.step()
-    g = gw + 0.1 * w0
-    trust = 0.02 * w0.norm() / g.norm()
-    assert torch.allclose(w.detach(), w0 - 0.5 * trust * g, atol=1e-6)
-    assert torch.allclose(b.detach(), b0 - 0.5 * gb, atol=1e-6)  # excluded: plain SGD step
+    trust_a = 0.02 * norm_a / float(torch.full((2, 2), 0.5).norm())
+    assert torch.allclose(opt.state[a]["momentum_buffer"], 0.9 * buf_a + trust_a * 0.5)
+    trust_b = 0.02 * 2.0 / float(torch.full((2, 2), 0.25).norm())
+    assert torch.allclose(opt.state[b]["momentum_buffer"], torch.full((2, 2), trust_b * 0.25))
+
+
+def test_lars_keeps_the_raw_gradient_and_loads_old_optimizer_states():
+    w = torch.nn.Parameter(torch.ones(3, 2))
+    w.grad = torch.full((3, 2), 0.5)
+    opt = LARS([w], lr=0.1, weight_decay=0.1, eta=0.02, trust="solo_learn", clip_lr=True)
+    opt.step()
+    assert torch.equal(w.grad, torch.full((3, 2), 0.5))
+    state = opt.state_dict()
+    for group in state["param_groups"]:  # a state saved before lars_trust / clip_lr existed
+        for key in ("trust", "clip_lr", "eps", "lars_exclude"):
+            group.pop(key)
+    fresh = LARS([w], lr=0.1, trust="solo_learn", clip_lr=True)
+    fresh.load_state_dict(state)
+    assert fresh.param_groups[0]["trust"] == "moco_v3" and fresh.param_groups[0]["clip_lr"] is False
+    fresh.step()
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("trust", ["moco_v3", "solo_learn"])
+def test_lars_step_dispatches_a_fixed_number_of_ops_whatever_the_number_of_tensors(trust):
+    """One step issues group-wide torch._foreach_* ops: the op count does not grow with the tensors
+    (the per-parameter loop of the references dispatched ~10 ops per tensor)."""
+
+    def ops_of_second_step(n):
+        params = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(n)]
+        opt = LARS([{"params": params, "weight_decay": 1e-4}], lr=0.3, eta=0.02, trust=trust, clip_lr=True)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            with OpCounter() as counter:
+                opt.step()
+        return counter.ops
+
+    few, many = ops_of_second_step(3), ops_of_second_step(40)
+    assert len(few) == len(many) < 40, many  # the per-tensor loop: ~10 x 40
+    assert any("_foreach_norm" in op for op in many)
+
+
+def test_build_optimizer_passes_the_lars_variant_and_rejects_unknown_values(make_cfg):
+    cfg = make_cfg("method=simclr", "optimizer.lars_trust=moco_v3", "optimizer.clip_lr=false")
+    opt = build_optimizer(cfg.optimizer, [{"params": [torch.nn.Parameter(torch.ones(2, 2))], "lr": 0.1,
+                                           "weight_decay": 0.0}])
+    assert isinstance(opt, LARS) and opt.param_groups[0]["trust"] == "moco_v3" and not opt.param_groups[0]["clip_lr"]
+    cfg.optimizer.lars_trust = "bolts"
+    with pytest.raises(ConfigError) as e:
+        check_optimizer_config(cfg.optimizer)
+    assert "\n" not in str(e.value) and "optimizer.lars_trust" in str(e.value) and "solo_learn" in str(e.value)

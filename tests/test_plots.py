@@ -56,6 +56,20 @@ def test_training_curves_png(tmp_path):
     assert read_png(out) == expected_size(plots.CURVES_SIZE)
 
 
+def test_online_knn_is_drawn_with_the_online_probe(tmp_path):
+    """val/knn_top1 (eval.online_knn) shares the probe panel, at its own epochs; absent, the panel is as before."""
+    rows = METRICS_CSV.splitlines()
+    with_knn = [rows[0] + ",val/knn_top1"] + [r + "," for r in rows[1:]] + ["1,3,,,,,,0.55"]
+    (tmp_path / "metrics.csv").write_text("\n".join(with_knn) + "\n")
+    probe_panel = plots.training_curves_figure(tmp_path / "metrics.csv").axes[1]
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in probe_panel.get_lines()}
+    assert lines["kNN (val)"] == ([1.0], [0.55]) and lines["probe (val)"] == ([0.0, 1.0], [0.30, 0.45])
+    assert "kNN" in probe_panel.get_title()
+    (tmp_path / "metrics.csv").write_text(METRICS_CSV)
+    labels = [line.get_label() for line in plots.training_curves_figure(tmp_path / "metrics.csv").axes[1].get_lines()]
+    assert labels == ["probe (val)", "probe (train)"]
+
+
 def test_training_curves_without_probe_or_lr_columns(tmp_path):
     """An unlabelled run logs no probe: its panel is left with a note instead of failing."""
     (tmp_path / "metrics.csv").write_text("epoch,step,train/loss_step\n0,0,3.0\n0,1,2.5\n")

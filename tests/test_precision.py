@@ -84,3 +84,38 @@ def test_losses_are_float32_under_autocast(name):
     assert torch.allclose(mixed, reference, rtol=1e-6, atol=1e-6)
     rounded = LOSSES[name](*(x.bfloat16().float() for x in inputs))  # the inputs' rounding is all that differs
     assert torch.allclose(from_bf16, rounded, rtol=1e-6, atol=1e-6)
+
+
+def test_mae_target_is_float32_under_autocast_and_equals_the_patches():
+    """The reconstruction target must not be rounded by autocast: patchify is views and a permute only (an op
+    that autocast lowers - a matmul, a convolution - would hand the float32 loss a 16-bit target)."""
+    from ssl_vision.methods.mae import patchify, unpatchify
+
+    images = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # a 2 x 2 grid of 4 px patches
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        target = patchify(images, 4)
+    assert target.dtype == torch.float32
+    expected = torch.stack([torch.stack([images[b, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4].permute(1, 2, 0).reshape(-1)
+                                         for i in range(2) for j in range(2)]) for b in range(2)])
+    assert torch.equal(target, expected)  # row-major patches, pixels as (p, p, C), bit for bit
+    assert torch.equal(unpatchify(target, 4), images)
+
+
+def test_simclr_gathers_float32_projections_under_autocast(make_cfg, monkeypatch):
+    """The gather's backward sums every rank's gradient of these rows: it must do so in float32."""
+    import ssl_vision.methods.simclr as simclr
+
+    seen = []
+
+    def gather(x):
+        seen.append(x.dtype)
+        return x
+
+    monkeypatch.setattr(simclr, "gather_with_grad", gather)
+    model = build_method(make_cfg(*COMMON, *CASES["simclr"]), num_classes=0)
+    views = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.forward_views(views)
+        projected = model.projector(model.backbone(views[0]))
+    assert projected.dtype == torch.bfloat16  # the heads do run in bf16
+    assert seen == [torch.float32, torch.float32] and out["loss"].dtype == torch.float32

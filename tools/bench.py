@@ -11,6 +11,8 @@ For each method and backbone, in this process, on one device (``--device``; auto
   ``data=synthetic``), timed from one ``on_train_batch_end`` to the next: batch fetch and transfer,
   on-device augmentation, heads, loss, online probe, backward, optimizer and scheduler step,
   EMA / queue update, Lightning's logging. images_per_second = batch_size / step.
+- flops_per_image (GFLOPs/img): the first training step's matmul / convolution / attention FLOPs, forward
+  and backward, per image (``ssl_vision.callbacks.Throughput``: every view, heads, momentum encoder, probe).
 - floor_ms: the backbone alone, forward + ``.sum().backward()``, on exactly the views the method
   trained on in that step: SimCLR one call on the 2B concatenated views; MoCo v2/v3 one call per view
   plus the momentum backbone's no-grad forward of each view; MAE the ViT's full-token forward of the
@@ -34,6 +36,17 @@ For each method and backbone, in this process, on one device (``--device``; auto
   step_over_network = step_ms / network_ms, as for MAE: what the loss, augmentation, online probe,
   optimizer, EMA and logging add on top of the networks the method cannot do without.
 
+- host_syncs_per_step: the points of one more training iteration (after the timed ones, itself
+  untimed) where the host waits for a device value, by whose code asked for it. On the CPU a
+  ``TorchDispatchMode`` counts the operations that need one on a GPU (``_local_scalar_dense``, i.e.
+  ``.item()`` / ``int()`` / ``bool()`` / ``if tensor``; ``nonzero``; boolean-mask indexing; ``unique``...);
+  on a GPU ``torch.cuda.set_sync_debug_mode`` reports every synchronizing call (these, and blocking
+  host<->device copies such as a Python number turned into a GPU tensor). Each is attributed by the
+  Python stack: ``step`` (the training step and optimizer hooks of ``ssl_vision``: the hot path, which
+  must have none), ``augment`` (``on_after_batch_transfer``, the on-device augmentation), ``data`` (the
+  loader), ``callbacks`` (``ssl_vision`` callbacks) or ``lightning`` (Lightning's own, e.g. the logger
+  every ``log_every_n_steps``). host_sync_sites lists the ``ssl_vision`` line of each.
+
 Every time is the median of ``--repeats`` timings after ``--warmup`` untimed ones (the floor and
 masked references: after one, at the end of the warm-up steps); the raw timings are in the JSON
 (``*_samples_ms``). The synthetic loader runs in the training process (``data.num_workers=0``), so
@@ -45,6 +58,7 @@ otherwise waits for its second thread to be scheduled (Kornia's thousands of sma
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import json
 import logging
@@ -52,6 +66,7 @@ import math
 import platform
 import resource
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -60,10 +75,13 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ssl_vision.backbones import resolve_patch_size
+from ssl_vision.callbacks import Throughput
 from ssl_vision.config import conf_dir
 from ssl_vision.data import SSLDataModule
+from ssl_vision.devices import apply_device_defaults, device_trainer_kwargs
 from ssl_vision.methods import METHODS, build_method
 
 DEFAULT_RUNS = [("simclr", "resnet18"), ("moco_v2", "resnet18"), ("moco_v3", "resnet18"),
@@ -115,14 +133,130 @@ def compose_cfg(method: str, backbone: str, image_size: int, batch_size: int, st
     return cfg
 
 
+# --- host syncs ---------------------------------------------------------------------------------------
+# operations whose result (or output shape) the host must read from the device before it can go on
+SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "unique",
+            "_unique", "_unique2", "unique_dim", "unique_consecutive", "bincount", "histc"}
+MASK_INDEXED = {"index", "index_put", "index_put_", "_index_put_impl_"}  # boolean masks run nonzero inside
+CATEGORIES = ("step", "augment", "data", "callbacks", "optimizer", "lightning", "other")
+
+
+def _needs_sync(func, args, kwargs) -> bool:
+    name = func.overloadpacket.__name__
+    if name in SYNC_OPS:
+        return True
+    if name in MASK_INDEXED and len(args) > 1 and isinstance(args[1], (list, tuple)):
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+    if name == "repeat_interleave":  # tensor repeats: the output size is read from them unless given
+        repeats = args[0] if func._overloadname == "Tensor" else (args[1] if len(args) > 1 else None)
+        return isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None
+    return False
+
+
+def _site(frame) -> str:
+    return f"{frame.f_globals.get('__name__', '?')}:{frame.f_lineno} ({frame.f_code.co_name})"
+
+
+def attribute(frame) -> tuple[str, str]:
+    """(category, site) of a sync whose innermost Python frame is ``frame``.
+
+    The innermost frame outside the libraries (torch, Kornia, timm, torchmetrics, ...) decides whose code
+    asked: ``lightning`` for Lightning's; for ``ssl_vision``'s, the hook that Lightning called (the outermost
+    ``ssl_vision`` frame inside ``trainer.fit``) gives the category - ``augment`` (the batch transfer hooks,
+    ``augment.py``), ``data`` (the loader's collate: host tensors, never a device sync), ``callbacks``, or
+    ``step`` (training step, optimizer hooks, losses: the hot path). ``optimizer``: inside ``torch.optim``,
+    whose ``step`` counters stay on the host unless ``capturable`` (no device sync on a GPU either).
+    """
+    stack = []  # innermost first
+    while frame is not None:
+        stack.append((frame.f_globals.get("__name__", ""), frame))
+        frame = frame.f_back
+    for i, (module, f) in enumerate(stack):
+        if module.startswith("torch.optim"):
+            return "optimizer", _site(f)
+        root = module.split(".")[0]
+        if root == "lightning":
+            return "lightning", _site(f)
+        if root != "ssl_vision":
+            continue
+        outer = [m for m, _ in stack[i:]]
+        fit = max((j for j, m in enumerate(outer) if m.split(".")[0] == "lightning"), default=len(outer))
+        hook_module, hook = next((m, f) for m, f in reversed(stack[i:i + fit]) if m.split(".")[0] == "ssl_vision")
+        name = hook.f_code.co_name
+        if name in ("on_after_batch_transfer", "on_before_batch_transfer") or hook_module == "ssl_vision.augment":
+            return "augment", _site(f)
+        if hook_module.startswith("ssl_vision.data"):
+            return "data", _site(f)
+        if hook_module == "ssl_vision.callbacks":
+            return "callbacks", _site(f)
+        return "step", _site(f)
+    return "other", _site(stack[0][1]) if stack else ""
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts host syncs in its window (``start``/``stop``), attributed with ``attribute``.
+
+    CPU: the operations of ``SYNC_OPS`` (and boolean-mask indexing) seen by this dispatch mode - the ones
+    that would wait for a GPU. CUDA: ``torch.cuda.set_sync_debug_mode("warn")``, whose warnings name every
+    synchronizing call, blocking copies included (the dispatch mode is not used there: no double count).
+    """
+
+    def __init__(self, cuda: bool):
+        super().__init__()
+        self.cuda = cuda
+        self.events: list[tuple[str, str, str]] = []  # (category, what, site)
+        self._saved = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _needs_sync(func, args, kwargs):
+            category, site = attribute(sys._getframe(1))
+            self.events.append((category, f"aten.{func.overloadpacket.__name__}", site))
+        return func(*args, **kwargs)
+
+    def _on_warning(self, message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" in str(message):
+            where, site = attribute(sys._getframe(1))
+            self.events.append((where, "cuda sync", site))
+        else:
+            self._show(message, category, filename, lineno, file, line)
+
+    def start(self) -> None:
+        if not self.cuda:
+            self.__enter__()
+            return
+        self._saved = (torch.cuda.get_sync_debug_mode(), warnings.catch_warnings())
+        self._saved[1].__enter__()  # restores the filters and showwarning at stop
+        warnings.simplefilter("always")  # every occurrence, not once per call site
+        self._show, warnings.showwarning = warnings.showwarning, self._on_warning
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> None:
+        if not self.cuda:
+            self.__exit__(None, None, None)
+            return
+        torch.cuda.set_sync_debug_mode(self._saved[0])
+        self._saved[1].__exit__(None, None, None)
+
+    def summary(self) -> tuple[dict, list[str]]:
+        counts = collections.Counter(c for c, _, _ in self.events)
+        sites = sorted({f"{c}: {site} {what}" for c, what, site in self.events})
+        return {c: counts.get(c, 0) for c in CATEGORIES}, sites
+
+
 class StepTimer(L.Callback):
     """Times every training iteration, from one ``on_train_batch_end`` to the next, and between the
     iterations (outside their intervals) the ``reference_fns`` on the views that iteration trained on:
     step and floor alternate, so a shared machine's slow drift hits both alike. The references start
-    after step ``first_reference``: one warm-up call is enough for a backbone the steps have warmed."""
+    after step ``first_reference``: one warm-up call is enough for a backbone the steps have warmed.
+    Iteration ``count_step`` is neither timed nor followed by references: ``counter`` counts its host
+    syncs, from the end of the previous iteration's hooks (its batch fetch and augmentation included)
+    to the start of its own ``on_train_batch_end``."""
 
-    def __init__(self, cuda: bool, method: str, first_reference: int = 0):
+    def __init__(self, cuda: bool, method: str, first_reference: int = 0, count_step: int | None = None,
+                 counter: HostSyncCounter | None = None):
         self.cuda, self.method, self.first_reference = cuda, method, first_reference
+        self.count_step, self.counter = count_step, counter
         self.times: dict[str, list[float]] = {"step": []}
         self._last = None
 
@@ -132,6 +266,9 @@ class StepTimer(L.Callback):
         return time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.count_step:
+            self.counter.stop()
+            return
         now = self._now()
         if self._last is not None:
             self.times["step"].append((now - self._last) * 1e3)
@@ -142,6 +279,8 @@ class StepTimer(L.Callback):
                 fn()
             self.times.setdefault(name, []).append((self._now() - start) * 1e3)
         self._last = self._now()  # the next step's grads are zeroed by Lightning before its backward
+        if self.counter is not None and batch_idx + 1 == self.count_step:
+            self.counter.start()
 
 
 def time_ms(fn, warmup: int, repeats: int, cuda: bool) -> list[float]:
@@ -270,16 +409,21 @@ def bench_one(method: str, backbone: str, image_size: int, batch_size: int, warm
     warmup = max(1, warmup)  # the first timed interval starts at the end of the last warm-up step
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     cuda = dev.type == "cuda"
-    cfg = compose_cfg(method, backbone, image_size, batch_size, warmup + repeats, patch_size, overrides)
+    steps = warmup + repeats + 1  # the last one: host syncs counted
+    cfg = compose_cfg(method, backbone, image_size, batch_size, steps, patch_size, overrides)
     L.seed_everything(int(cfg.seed), verbose=False)
     dm = SSLDataModule(cfg.data)
     dm.setup()
+    apply_device_defaults(cfg, cuda)  # as train.py: channels_last for ResNets and TF32 on GPUs
     model = build_method(cfg, dm.num_classes)  # as train.py: the online probe is part of the real path
-    timer = StepTimer(cuda, method, first_reference=warmup - 1)
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    counter = HostSyncCounter(cuda)
+    throughput = Throughput()  # FLOPs of the first (warm-up) step; its hooks run before the timer's references
+    timer = StepTimer(cuda, method, first_reference=warmup - 1, count_step=steps - 1, counter=counter)
+    kwargs = device_trainer_kwargs(OmegaConf.to_container(cfg.trainer, resolve=True), cuda)  # as train.py
     kwargs.update(accelerator="gpu" if cuda else "cpu", devices=1, num_nodes=1, strategy="auto", sync_batchnorm=False,
-                  max_steps=warmup + repeats, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
+                  max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                  callbacks=[throughput, timer])
     trainer = L.Trainer(**kwargs)
     baseline, memory_kind = memory_start(dev)
     trainer.fit(model, datamodule=dm)
@@ -298,8 +442,11 @@ def bench_one(method: str, backbone: str, image_size: int, batch_size: int, warm
         "images_per_second": batch_size / (step_ms / 1e3),
         "augment_ms": aug_ms, "augment_images_per_second": batch_size * len(model.augment.views) / (aug_ms / 1e3),
         "peak_memory_mb": peak_mb, "memory_kind": memory_kind, "floor_contains": FLOOR[method],
+        "flops_per_image": throughput.flops_per_image,
         "floor_samples_ms": times["floor"], "step_samples_ms": times["step"], "overrides": list(overrides),
     }
+    record["host_syncs_per_step"], record["host_sync_sites"] = counter.summary()
+    record["host_sync_method"] = "cuda sync debug mode" if cuda else "TorchDispatchMode (ops that sync on a GPU)"
     if method == "mae":
         record.update(patch_size=int(model.patch), mask_ratio=float(cfg.method.mask_ratio),
                       masked_ms=statistics.median(times["masked"]), masked_samples_ms=times["masked"])
@@ -315,15 +462,18 @@ def bench_one(method: str, backbone: str, image_size: int, batch_size: int, warm
 
 def markdown_table(records: list[dict]) -> str:
     """The records as a markdown table, one row per method + backbone."""
-    head = ["method", "backbone", "px", "batch", "floor ms", "step ms", "step/floor", "img/s", "aug img/s",
-            "peak MiB", "masked ms", "masked/full", "network ms", "step/network"]
+    head = ["method", "backbone", "px", "batch", "GFLOPs/img", "floor ms", "step ms", "step/floor", "img/s",
+            "aug img/s", "peak MiB", "syncs step/aug/data/PL", "masked ms", "masked/full", "network ms", "step/network"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         masked = [f"{r['masked_ms']:.1f}", f"{r['masked_over_full']:.3f}"] if "masked_ms" in r else [""] * 2
         masked += [f"{r['network_ms']:.1f}", f"{r['step_over_network']:.3f}"] if "network_ms" in r else [""] * 2
-        cells = [r["method"], r["backbone"], str(r["image_size"]), str(r["batch_size"]), f"{r['floor_ms']:.1f}",
+        n = r["host_syncs_per_step"]
+        syncs = "/".join(str(n[c]) for c in ("step", "augment", "data", "lightning"))
+        cells = [r["method"], r["backbone"], str(r["image_size"]), str(r["batch_size"]),
+                 f"{r['flops_per_image'] / 1e9:.3g}", f"{r['floor_ms']:.1f}",
                  f"{r['step_ms']:.1f}", f"{r['step_over_floor']:.3f}", f"{r['images_per_second']:.0f}",
-                 f"{r['augment_images_per_second']:.0f}", f"{r['peak_memory_mb']:.0f}", *masked]
+                 f"{r['augment_images_per_second']:.0f}", f"{r['peak_memory_mb']:.0f}", syncs, *masked]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -382,9 +532,14 @@ def main(argv=None) -> list[dict]:
     print("\nfloor: " + "; ".join(f"{m}: {FLOOR[m]}" for m in dict.fromkeys(x["method"] for x in records)))
     print("step: a real Trainer iteration (fetch, augmentation, heads, loss, probe, backward, optimizer, EMA/queue); "
           "masked: MAE encoder on visible tokens fwd+bwd; network: the method's own networks, fwd+bwd on every view "
-          f"they see (the step adds loss, augmentation, the probe's forward, optimizer); peak MiB: {r['memory_kind']}")
+          f"they see (the step adds loss, augmentation, the probe's forward, optimizer); "
+          f"peak MiB: {r['memory_kind']}; syncs: host syncs in one iteration by origin (training step / "
+          f"augmentation / loader / Lightning), {r['host_sync_method']}")
     print("network: " + "; ".join(f"{m}: {NETWORK[m]}" for m in dict.fromkeys(x["method"] for x in records)
                                   if m in NETWORK))
+    for r in records:
+        for site in r["host_sync_sites"]:
+            print(f"  {r['method']} {r['backbone']}: {site}")
     print(f"wrote {args.out}")
     return records
 

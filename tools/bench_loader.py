@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     p.add_argument("--path", type=Path, default=None, help="folder of images (default: generate synthetic JPEGs)")
     p.add_argument("--num-images", type=int, default=200, help="synthetic JPEGs to generate")
     p.add_argument("--size", type=int, nargs=2, default=(1024, 768), metavar=("W", "H"))
-    p.add_argument("--canvas", type=int, default=448, help="data.canvas_size, the long side (data=imagenet: 448)")
+    p.add_argument("--canvas", type=int, default=512, help="data.canvas_size, the long side (data=imagenet: 512)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up epoch)")

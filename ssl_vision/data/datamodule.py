@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import lightning as L
 import numpy as np
@@ -11,19 +12,41 @@ from torch.utils.data import DataLoader
 
 from ..config import ConfigError
 from .datasets import ImageSubset, SkipUnreadable, file_datasets
-from .formats import BUILDERS, stratified_split
+from .formats import BUILDERS, LABEL_SUBSET_DATA, LABEL_SUBSETS, imagenet_subset, label_subset_indexes, stratified_split
 from .resume import EpochPosition, RecordedSeedSampler, ResumableLoader, train_batches_done
 
 log = logging.getLogger("ssl_vision.data")
+
+
+MAX_AUTO_WORKERS = 8  # decoding workers per process; more rarely helps one GPU and multiplies under DDP
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a SLURM or container limit), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity mask
+        return os.cpu_count() or 1
+
+
+def loader_workers(value) -> int:
+    """``data.num_workers``: an integer >= 0, or ``auto``: one fewer than this process's CPUs (one is the
+    training process's own), at most ``MAX_AUTO_WORKERS``; 0 on a single CPU."""
+    if value == "auto":
+        return max(0, min(MAX_AUTO_WORKERS, available_cpus() - 1))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"data.num_workers: must be an integer >= 0 or auto, got {value!r}")
+    return value
 
 
 class SSLDataModule(L.LightningDataModule):
     """Pre-training loader (shuffled, drop_last) plus labelled probe-train and validation sets.
 
     ``data.label_fraction`` (e.g. 0.01 or 0.1) keeps a stratified, seeded fraction of the labels for
-    the probes (semi-supervised protocol); pre-training still sees every image, and the online probe
-    only the kept labels. Unlabelled data (``data.labels=false``) has ``num_classes == 0`` and no
-    validation loader.
+    the probes (semi-supervised protocol); ``data.label_subset`` (``1percent`` / ``10percent``, ImageNet
+    only) keeps exactly the files of SimCLR's published lists instead. Pre-training still sees every
+    image, and the online probe only the kept labels. Unlabelled data (``data.labels=false``) has
+    ``num_classes == 0`` and no validation loader.
     """
 
     def __init__(self, cfg):
@@ -46,12 +69,22 @@ class SSLDataModule(L.LightningDataModule):
         if not 0 < fraction <= 1:
             raise ConfigError(f"data.eval_crop_fraction: {fraction} is not in (0, 1]; e.g. 0.875 (ImageNet) or 1.0")
         self.pretrain_set, self.probe_train_set, self.val_set, self.class_names = BUILDERS[self.cfg.name](self.cfg)
-        self._apply_label_fraction()
+        self._select_labels()
         n, bs = len(self.pretrain_set), self.cfg.batch_size
         if bs > n:
             raise ConfigError(
                 f"data.batch_size: {bs} is larger than the training set ({n} images); use at most {n}"
             )
+
+    def _select_labels(self) -> None:
+        fraction, subset = self.cfg.get("label_fraction"), self.cfg.get("label_subset")
+        if fraction is not None and subset is not None:
+            raise ConfigError(f"data.label_subset: set together with data.label_fraction={fraction}; use one (label_subset: "
+                              "the published ImageNet lists, label_fraction: a stratified random fraction)")
+        if subset is not None:
+            self._apply_label_subset(str(subset))
+        else:
+            self._apply_label_fraction()
 
     def _apply_label_fraction(self) -> None:
         fraction = self.cfg.get("label_fraction")
@@ -68,14 +101,44 @@ class SSLDataModule(L.LightningDataModule):
         known = np.flatnonzero(labels >= 0)
         _, held = stratified_split(labels[known], fraction, int(self.cfg.seed))
         keep = known[held]
+        self._keep_labels(keep)
+        log.info("data.label_fraction=%g: the probes use %d of %d labelled images (stratified, seed %d)",
+                 fraction, len(keep), len(known), int(self.cfg.seed))
+
+    def _apply_label_subset(self, name: str) -> None:
+        """SimCLR's published semi-supervised lists (``formats.imagenet_subset``): the probes (and through
+        ``probe_train_set`` fine-tuning) see exactly the listed training files of the data's classes."""
+        if name not in LABEL_SUBSETS:
+            raise ConfigError(f"data.label_subset: unknown subset '{name}'; choose one of: {', '.join(LABEL_SUBSETS)} "
+                              "(null: all labels)")
+        if self.cfg.name not in LABEL_SUBSET_DATA:
+            raise ConfigError(f"data.label_subset: the published subsets list ImageNet-1k files, for data="
+                              f"{' or '.join(LABEL_SUBSET_DATA)}, not '{self.cfg.name}'; use data.label_fraction instead")
+        keep, missing, listed = label_subset_indexes(self.probe_train_set, self.class_names, imagenet_subset(name))
+        train = f"{self.cfg.path}/train"
+        if listed == 0:
+            raise ConfigError(f"data.label_subset: none of the files listed in {name} belongs to the {self.num_classes} "
+                              f"classes under '{train}'; expected ImageNet wnid folders (train/n01440764/...)")
+        if missing:
+            raise ConfigError(f"data.label_subset: {len(missing)} of the {listed} files listed in {name} for the "
+                              f"{self.num_classes} classes under '{train}' are missing (e.g. {missing[0]} in "
+                              f"{missing[0].split('_')[0]}/); the subset needs the complete ImageNet training set")
+        if self.cfg.name == "imagenet" and self.num_classes != 1000:
+            log.warning("data.label_subset=%s: '%s' holds %d classes, not ImageNet-1k's 1000; the probes use the "
+                        "listed files of those classes only", name, train, self.num_classes)
+        self._keep_labels(keep)
+        log.info("data.label_subset=%s: the probes use the %d listed images of %d (SimCLR's published list)",
+                 name, len(keep), int((self.probe_train_set.base.labels >= 0).sum()))
+
+    def _keep_labels(self, keep: np.ndarray) -> None:
+        """The probes train on the samples ``keep`` of the probe-train set only; pre-training keeps every image,
+        and where it shares that set the others lose their labels (the online probe sees the kept ones only)."""
         probe = self.probe_train_set
         self.probe_train_set = ImageSubset(probe, keep)
-        if self.pretrain_set is probe:  # the online probe sees only the kept labels too
+        if self.pretrain_set is probe:
             masked = torch.full_like(probe.labels, -1)
             masked[keep] = probe.labels[keep]
             self.pretrain_set = ImageSubset(probe, labels=masked)
-        log.info("data.label_fraction=%g: the probes use %d of %d labelled images (stratified, seed %d)",
-                 fraction, len(keep), len(known), int(self.cfg.seed))
 
     @property
     def num_classes(self) -> int:
@@ -83,7 +146,7 @@ class SSLDataModule(L.LightningDataModule):
 
     def _loader(self, dataset, shuffle: bool, drop_last: bool, batch_size=None, refill: bool = False,
                 loader=DataLoader, **kwargs):
-        workers = int(self.cfg.num_workers)
+        workers = loader_workers(self.cfg.get("num_workers", 0))
         # persistent workers take their base seed once, at the first iterator; from a private generator,
         # that draw stays off the global random stream, which a resumed run then continues exactly
         generator = torch.Generator().manual_seed(int(self.cfg.seed)) if workers > 0 else None

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from .decoding import load_image
 
@@ -143,12 +143,23 @@ class SkipUnreadable:
             c = self.canvas
             empty = torch.empty(0, dtype=torch.long)
             return torch.empty(0, 3, c, c, dtype=torch.uint8), torch.empty(0, 4, dtype=torch.long), empty, empty.clone()
-        # stacked in numpy: torch.stack would run on intra-op threads, which thrash when the loader
-        # runs in the training process (num_workers=0) on a busy machine
-        images = torch.from_numpy(np.stack([b[0].numpy() for b in good]))
+        images = stack_images([b[0] for b in good])
         sizes = torch.from_numpy(np.stack([b[1].numpy() for b in good]))
         labels = torch.tensor([int(b[2]) for b in good], dtype=torch.long)
         return images, sizes, labels, torch.tensor([int(b[3]) for b in good], dtype=torch.long)
+
+
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """Stack uint8 canvases into one batch tensor, copying each once. In a loader worker the batch is
+    written straight into shared memory (as torch's default collate does), so handing it to the training
+    process copies nothing more; in the training process itself (``num_workers=0``) numpy stacks it,
+    since torch's intra-op threads would thrash there on a busy machine."""
+    if get_worker_info() is None:
+        return torch.from_numpy(np.stack([im.numpy() for im in images]))
+    first = images[0]
+    storage = first._typed_storage()._new_shared(len(images) * first.numel(), device=first.device)
+    out = first.new(storage).resize_(len(images), *first.shape)
+    return torch.stack(images, 0, out=out)
 
 
 def file_datasets(dataset) -> list[ImageFiles]:

@@ -9,10 +9,10 @@ in original pixels (``ssl_vision.augment``). The padding repeats the image's las
 so a resize filter that reads a pixel past the edge sees the edge.
 
 Resolution: a canvas of side ``C`` keeps an original of long side ``S`` at ``min(1, C / S)`` of its
-linear resolution. ImageNet's typical 500 x 375 photo at ``C = 448`` keeps 0.90 of it: a 0.08-area
-crop has about 110 x 110 source pixels where torchvision, cropping the original JPEG, has 122 x 122
-(and 84 x 84 at ``C = 342``, the smallest canvas that holds the 224 px evaluation crop of a 4:3
-image without enlarging it: short side 256, long side 342).
+linear resolution. ImageNet's typical 500 x 375 photo fits ``C = 512`` whole: it is decoded and padded,
+never resized, so small crops have the source pixels torchvision has on the original JPEG (a 0.08-area
+crop: 122 x 122). ``C = 342``, the least that holds the 224 px evaluation crop of a 4:3 image unenlarged,
+keeps 0.68 of it (84 x 84 pixels for that crop) in 45% of the memory.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ Each builder returns ``(pretrain, probe_train, val, class_names)``; nothing is d
 - ``imagenet``, ``imagenette``, ``imagewoof``: ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG``.
 - ``imagenet100``: the CMC / solo-learn 100-class list (``ssl_vision/resources``) selected from a
   full ImageNet tree.
+- ``data.label_subset`` (``imagenet``, ``imagenet100``): SimCLR's published 1% / 10% lists of labelled
+  ImageNet-1k training files (``ssl_vision/resources/imagenet_subsets``), see ``label_subset_indexes``.
 - ``imagefolder``: one sub-folder per class, or (``data.labels=false``) any folder of images for
   pre-training only (no probes: ``num_classes`` is 0).
 """
@@ -315,6 +317,34 @@ def imagenet100_classes() -> list[str]:
 
     text = files("ssl_vision.resources").joinpath("imagenet100_classes.txt").read_text()
     return [w.strip() for w in text.split() if w.strip()]
+
+
+LABEL_SUBSETS = ("1percent", "10percent")
+LABEL_SUBSET_DATA = ("imagenet", "imagenet100")
+
+
+def imagenet_subset(name: str) -> list[str]:
+    """The file names of SimCLR's semi-supervised ImageNet-1k subset ``name`` (``1percent``: 12,811 names,
+    ``10percent``: 128,116), e.g. ``n01440764_10026.JPEG``. Shipped unmodified from google-research/simclr
+    ``imagenet_subsets/`` (Apache-2.0; ``ssl_vision/resources/imagenet_subsets/NOTICE``)."""
+    from importlib.resources import files
+
+    text = files("ssl_vision.resources").joinpath("imagenet_subsets").joinpath(f"{name}.txt").read_text()
+    return [w.strip() for w in text.split() if w.strip()]
+
+
+def label_subset_indexes(dataset, class_names: list[str], names: list[str]) -> tuple[np.ndarray, list[str], int]:
+    """The samples of ``dataset`` (``ImageFiles`` of ``train/<wnid>/...``) named in ``names``, as the references
+    read the lists (a name ``<wnid>_<n>.JPEG`` is the file ``train/<wnid>/<wnid>_<n>.JPEG``: facebookresearch/swav
+    eval_semisup.py, the SimCLR lists): (sorted indexes, listed names of the data's classes that the tree
+    lacks, number of listed names of the data's classes). Names of other classes are not this data's."""
+    classes = set(class_names)
+    wanted = [n for n in names if n.split("_")[0] in classes]
+    where = {(class_names[label], os.path.basename(os.fsdecode(path))): i
+             for i, (label, path) in enumerate(zip(dataset.labels.tolist(), dataset.paths)) if label >= 0}
+    found = [where.get((n.split("_")[0], n)) for n in wanted]
+    missing = [n for n, i in zip(wanted, found) if i is None]
+    return np.sort(np.array([i for i in found if i is not None], dtype=np.int64)), missing, len(wanted)
 
 
 def _split_tree(cfg, title: str, classes=None):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import logging
 import math
 
 import lightning as L
@@ -30,8 +31,12 @@ from ..backbones import backbone_from_config
 from ..config import ConfigError
 from ..data import train_batches_done
 from ..diagnostics import normalized_std, rankme
+from ..distributed import broadcast_tensors_, gather_no_grad
 from ..optim import build_optimizer, check_optimizer_config, scaled_lr, split_decay, warmup_cosine
+from ..online_knn import OnlineKNN
 from ..rng import keyed_uniform
+
+log = logging.getLogger(__name__)
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, last_bn: bool = False,
@@ -59,9 +64,35 @@ def cosine_momentum(step: int, total_steps: int, m0: float) -> float:
 
 @torch.no_grad()
 def ema_update(online: nn.Module, target: nn.Module, momentum: float) -> None:
-    """target = momentum * target + (1 - momentum) * online, parameters only (BN stats stay own)."""
-    for po, pt in zip(online.parameters(), target.parameters()):
-        pt.mul_(momentum).add_(po.detach(), alpha=1.0 - momentum)
+    """target = momentum * target + (1 - momentum) * online, parameters only (BN stats stay own).
+
+    Two multi-tensor kernels for all parameters (``torch._foreach_*``) rather than two per parameter."""
+    targets = list(target.parameters())
+    torch._foreach_mul_(targets, momentum)
+    torch._foreach_add_(targets, [p.detach() for p in online.parameters()], alpha=1.0 - momentum)
+
+
+class LocalBatchNorm1d(nn.Module):
+    """``nn.BatchNorm1d(num_features, affine=False)`` - the same statistics, defaults and state-dict keys -
+    that keeps per-rank statistics under ``trainer.sync_batchnorm``: ``SyncBatchNorm.convert_sync_batchnorm``
+    converts every ``_BatchNorm`` subclass, and this is none. The online probe uses it, so that it adds no
+    collective to the step (and, with SyncBatchNorm, none that a rank could miss)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x, self.running_mean, self.running_var, None, None, self.training, self.momentum,
+                            self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine=False"
 
 
 def probe_lr(cfg) -> float:
@@ -99,15 +130,22 @@ class SSLMethod(L.LightningModule, abc.ABC):
         self.num_classes = num_classes
         # online probe: BatchNorm without affine, then linear (MAE's probe head; the offline probe
         # standardizes its features likewise): ViT [CLS] features share a large mean and vary little
-        # around it, which a plain linear head trained alongside the encoder hardly learns from
-        self.probe = nn.Sequential(nn.BatchNorm1d(self.feat_dim, affine=False),
+        # around it, which a plain linear head trained alongside the encoder hardly learns from.
+        # Its BatchNorm stays per rank (LocalBatchNorm1d) under trainer.sync_batchnorm
+        self.probe = nn.Sequential(LocalBatchNorm1d(self.feat_dim),
                                    nn.Linear(self.feat_dim, num_classes)) if num_classes > 0 else None
+        self.probe_every = int(cfg.get("probe", {}).get("every_n_steps", 1) or 1)
+        if self.probe_every < 1:
+            raise ConfigError(f"probe.every_n_steps: {self.probe_every} must be a positive number of steps (1: every step)")
         if self.probe is not None:
-            self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+            # validate_args=False: the argument checks read label values on the host at every batch
+            self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False)
         self._momentum_pairs: list[tuple[nn.Module, nn.Module]] = []
         self._pending_rng_state = None  # a mid-epoch checkpoint's, restored at the next training batch
         self._batch_keys: tuple[torch.Tensor, int] | None = None  # (indexes, epoch) of the training batch
         self._compiled = False
+        self._non_finite: torch.Tensor | None = None  # this rank's first non-finite loss: (step, value)
+        self.online_knn = OnlineKNN.from_config(cfg, num_classes)  # eval.online_knn; None: off or no labels
 
     # --- subclass API -----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -129,14 +167,55 @@ class SSLMethod(L.LightningModule, abc.ABC):
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        step = self.global_step + 1  # Lightning counts the step once this hook returns
         # the EMA follows every optimizer step (once per step under gradient accumulation), here rather
         # than in on_train_batch_end so that a checkpoint saved at this batch's end already holds it
         if self._momentum_pairs:
-            step = self.global_step + 1  # Lightning counts the step once this hook returns
             m = cosine_momentum(step, int(self.trainer.estimated_stepping_batches), float(self.cfg.method.momentum))
             for online, target in self._momentum_pairs:
                 ema_update(online, target, m)
-            self.log("train/momentum", m)
+            self.log("train/momentum", torch.tensor(m))  # a CPU tensor: a Python float would be copied to the GPU
+        if self._failure_check_due(step, batch_idx):
+            self.check_non_finite()
+
+    # --- failures that every rank must agree on ------------------------------------------------------
+    def on_train_start(self) -> None:
+        # every rank holds the record from the start, so every rank joins each check's gather
+        self._non_finite = torch.tensor([-1.0, 0.0], device=self.device)
+
+    def _record_non_finite(self, loss: torch.Tensor) -> None:
+        """Keep this rank's first non-finite loss as (step, value) on the device: no host sync per step."""
+        if self._non_finite is None:
+            self._non_finite = torch.tensor([-1.0, 0.0], device=loss.device)
+        state, value = self._non_finite, loss.detach().float()
+        first = ~torch.isfinite(value) & (state[0] < 0)
+        self._non_finite = torch.stack([torch.where(first, float(self.global_step), state[0]),
+                                        torch.where(first, value, state[1])])
+
+    def _failure_check_due(self, step: int, batch_idx: int) -> bool:
+        """After every ``trainer.log_every_n_steps``-th step (where Lightning reads the logged values anyway),
+        every step that writes a checkpoint (``checkpoint.every_n_steps``), an epoch's and the run's last."""
+        t = self.trainer
+        every_ckpt = int((self.cfg.get("checkpoint") or {}).get("every_n_steps") or 0)
+        return (step % max(1, int(t.log_every_n_steps)) == 0 or (every_ckpt > 0 and step % every_ckpt == 0)
+                or batch_idx + 1 >= t.num_training_batches or 0 < t.max_steps <= step)
+
+    def check_non_finite(self) -> None:
+        """Raise ``FloatingPointError`` on every rank, with one message, if any rank has seen a non-finite loss.
+
+        Called on all ranks at the same steps (``_failure_check_due``): one all_gather of two numbers per
+        rank and one host read, every few steps rather than a host sync in each step. In between, a rank's
+        NaN already reaches every rank's weights through the gradient all-reduce, and ``LastCheckpoint``
+        never saves non-finite weights, so the last checkpoint stays the last good state.
+        """
+        if self._non_finite is None:
+            return
+        states = gather_no_grad(self._non_finite[None]).tolist()  # (world, 2)
+        bad = sorted((int(s), r, v) for r, (s, v) in enumerate(states) if s >= 0)
+        if bad:
+            step, first, value = bad[0]
+            where = f" (rank {first} of {len(states)})" if len(states) > 1 else ""
+            raise FloatingPointError(f"non-finite loss {value} at step {step}{where}")
 
     # --- speed switches ----------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -150,6 +229,13 @@ class SSLMethod(L.LightningModule, abc.ABC):
         mode = self.cfg.backbone.get("compile", False)
         if not mode or self._compiled:
             return
+        sync_bn = bool(self.cfg.trainer.get("sync_batchnorm")) and self.trainer.world_size > 1 \
+            and self.trainer.strategy.root_device.type == "cuda"  # train.py leaves it off on CPUs
+        if sync_bn and not self.is_vit:
+            log.warning("backbone.compile with trainer.sync_batchnorm: torch.compile breaks the graph at every "
+                        "SyncBatchNorm (pytorch/pytorch#161302), so a ResNet compiles into one small graph per "
+                        "layer and gains little; use backbone.compile=false with SyncBatchNorm, or "
+                        "trainer.sync_batchnorm=false (per-GPU statistics) to compile")
         # the backbone's momentum twin, on either side (DINO's ``backbone`` is the EMA teacher)
         backbones = [self.backbone] + [m for pair in self._momentum_pairs if any(x is self.backbone for x in pair)
                                        for m in pair if m is not self.backbone]
@@ -200,27 +286,91 @@ class SSLMethod(L.LightningModule, abc.ABC):
         return keyed_uniform(int(self.cfg.get("seed", 0)), epoch, indexes, stream, n)
 
     # --- steps --------------------------------------------------------------------------------------
+    # Nothing here reads a device value on the host (no .item(), no boolean-mask indexing, no Python
+    # branch on a tensor): each would make the CPU wait for the GPU every step (tools/bench.py counts them).
     def training_step(self, batch, batch_idx):
         views, labels, _ = batch
-        if len(labels) < 2:  # every image of the batch was unreadable (skipped by the loader)
-            return None
+        images = len(labels)
+        if images == 0:  # every image of this rank's batch was unreadable (the loader skips such files)
+            if self.trainer.world_size == 1:
+                return None  # nothing to learn from: Lightning skips the step
+            log.warning("step %d: every image of a training batch on rank %d was unreadable; it takes part in "
+                        "the step with zero weight (DDP needs every rank in its collectives)",
+                        self.global_step, self.global_rank)
+            views, labels = self._stand_in(views)
         out = self.forward_views(views)
         self.log_collapse_diagnostics(out)
+        if self.online_knn is not None and self.online_knn.due(self.current_epoch):
+            self.online_knn.add_bank(out["feats"], labels)  # the first view's features: no extra pass
         loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}")
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
-        if self.probe is not None:
-            known = labels >= 0
-            if known.sum() > 1:  # the probe's BatchNorm needs two samples (label_fraction can leave fewer)
-                logits = self.probe(out["feats"].detach()[known]).float()  # bf16 under autocast
-                probe_loss = F.cross_entropy(logits, labels[known])
-                acc = (logits.argmax(1) == labels[known]).float().mean()
-                self.log("train/probe_loss", probe_loss, on_step=False, on_epoch=True, sync_dist=True)
-                self.log("train/probe_top1", acc, on_step=False, on_epoch=True, sync_dist=True)
-                loss = loss + probe_loss
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=images)
+        # the progress bar shows the last epoch's mean: Lightning reads progress-bar values on the host
+        # after every batch, so a per-step value there would be a host sync per step
+        self.log("loss", loss, on_step=False, on_epoch=True, prog_bar=True, logger=False, batch_size=images)
+        if self.probe is not None and not self.probe_due():
+            # every rank skips the same steps; a zero term keeps the probe's parameters in DDP's gradient
+            # reduction, and on_before_optimizer_step drops their (zero) gradients so the optimizer leaves them
+            loss = loss + 0.0 * sum(p.sum() for p in self.probe.parameters())
+        elif self.probe is not None:
+            probe_loss, correct, labelled = self.online_probe(out["feats"], labels)
+            # epoch means over the labelled samples of all ranks (count-weighted)
+            self.log("train/probe_loss", probe_loss, on_step=False, on_epoch=True, sync_dist=True,
+                     batch_size=labelled)
+            self.log("train/probe_top1", correct / labelled.clamp(min=1), on_step=False, on_epoch=True,
+                     sync_dist=True, batch_size=labelled)
+            loss = loss + probe_loss
+        if images == 0:
+            loss = loss * 0.0
+        self._record_non_finite(loss)
+        # a CPU tensor: Lightning would copy a Python float to the GPU, which waits for the GPU
+        self.log("train/lr", torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]), on_step=True,
+                 on_epoch=False)
         return loss
+
+    def _stand_in(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Zero views of the configured batch size, without labels: what an empty batch trains on under DDP,
+        so that every rank runs the same gathers, SyncBatchNorm and gradient all-reduce with equal shapes."""
+        n = int(self.cfg.data.batch_size)
+        views = [v.new_zeros((n, *v.shape[1:])) for v in views]
+        return views, torch.full((n,), -1, dtype=torch.long, device=views[0].device)
+
+    def probe_due(self) -> bool:
+        """Whether this training step trains the online probe: every ``probe.every_n_steps``-th optimizer step
+        (1: all). Larger values amortize its cost (MAE's probe needs a no-grad full-image forward of its own)."""
+        return self.probe is not None and self.global_step % self.probe_every == 0
+
+    def features_needed(self) -> bool:
+        """Whether this training step reads the backbone features of the first view (the online probe, or the
+        online kNN's bank): a method that computes them only for these (MAE) skips them otherwise."""
+        return self.probe_due() or (self.online_knn is not None and self.online_knn.due(self.current_epoch))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.probe is not None and not self.probe_due():
+            for p in self.probe.parameters():  # a step without the probe: no update (nor momentum, nor decay)
+                p.grad = None
+
+    def online_probe(self, feats: torch.Tensor, labels: torch.Tensor):
+        """The online probe's (loss, correct, labelled) on detached ``feats`` (B, D); label -1 = unlabelled.
+
+        Runs on every rank at every step, whatever its labels, so the set of parameters that get a
+        gradient (DDP's reducer needs all of them) and of collectives never depends on a rank's data: the
+        head sees the whole batch (its BatchNorm statistics too), and the cross-entropy is summed over the
+        labelled samples and divided by max(count, 1) - 0 with a zero gradient on a rank without labels,
+        where a plain mean over none (``ignore_index``) would be NaN. No count leaves the device.
+        """
+        logits = self.probe(feats.detach().float()).float()  # bf16 under autocast
+        known = labels >= 0
+        labelled = known.sum()
+        ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+        loss = (ce * known).sum() / labelled.clamp(min=1)
+        correct = ((logits.argmax(1) == labels) & known).sum()
+        return loss, correct, labelled
+
+    def on_validation_epoch_start(self) -> None:
+        # ranks without SyncBatchNorm (CPU, the probe's LocalBatchNorm1d) keep their own running statistics;
+        # validate with rank 0's, the ones its checkpoint holds (a few small broadcasts per epoch)
+        norms = [m for m in self.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, LocalBatchNorm1d))]
+        broadcast_tensors_([b for m in norms for b in m.buffers()], src=0)
 
     def log_collapse_diagnostics(self, out: dict) -> None:
         """At the steps the logger writes (every ``trainer.log_every_n_steps``), log ``normalized_std`` and
@@ -238,10 +388,28 @@ class SSLMethod(L.LightningModule, abc.ABC):
     def validation_step(self, batch, batch_idx):
         if self.probe is None:
             return
-        images, labels, _ = batch
-        logits = self.probe(self.backbone(images))
+        images, labels, indexes = batch
+        feats = self.backbone(images)
+        if self._online_knn_due():
+            self.online_knn.add_queries(feats, labels, indexes)
+        logits = self.probe(feats.float())
         self.val_top1.update(logits, labels)
         self.log("val/probe_top1", self.val_top1, on_step=False, on_epoch=True, prog_bar=True)
+
+    # --- online kNN (ssl_vision/online_knn.py): bank from the training steps, queries from validation ------
+    def _online_knn_due(self) -> bool:
+        return self.online_knn is not None and not self.trainer.sanity_checking \
+            and self.online_knn.due(self.current_epoch)
+
+    def on_train_epoch_start(self) -> None:
+        if self.online_knn is not None:
+            self.online_knn.reset_bank()  # a bank holds one epoch
+
+    def on_validation_epoch_end(self) -> None:
+        if self._online_knn_due():
+            top1 = self.online_knn.compute(self.device)  # collective: every rank, same value
+            if top1 is not None:
+                self.log("val/knn_top1", top1, on_epoch=True, sync_dist=True)
 
     # --- checkpoint extras: random state, so a resumed run continues the same random stream ------
     def on_save_checkpoint(self, checkpoint):

@@ -7,6 +7,7 @@ norm), run only on the visible ~25% of the patches; a light decoder with mask to
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -19,18 +20,20 @@ from .base import SSLMethod
 
 
 def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, L, p*p*C), patches in row-major order, pixels as (p, p, C)."""
+    """(B, C, H, W) -> (B, L, p*p*C), patches in row-major order, pixels as (p, p, C).
+
+    Views and a permute only (no arithmetic, so autocast never lowers the target's precision)."""
     b, c, h, w = images.shape
-    x = images.reshape(b, c, h // p, p, w // p, p)
-    return torch.einsum("bchpwq->bhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+    x = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, q, C)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
 def unpatchify(patches: torch.Tensor, p: int, c: int = 3) -> torch.Tensor:
     """(B, L, p*p*C) -> (B, C, H, W) for a square grid; the inverse of ``patchify``."""
     b, n, _ = patches.shape
     g = int(round(n ** 0.5))
-    x = patches.reshape(b, g, g, p, p, c)
-    return torch.einsum("bhwpqc->bchpwq", x).reshape(b, c, g * p, g * p)
+    x = patches.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, q)
+    return x.reshape(b, c, g * p, g * p)
 
 
 def random_masking(x: torch.Tensor, ratio: float, noise: torch.Tensor | None = None):
@@ -71,15 +74,29 @@ class MAE(SSLMethod):
                                                     norm_layer=norm) for _ in range(int(m.decoder_depth))])
         self.decoder_norm = norm(dim)
         self.decoder_pred = nn.Linear(dim, self.patch ** 2 * 3)
-        self._init_decoder()
+        self._init_weights()
 
-    def _init_decoder(self) -> None:
-        nn.init.normal_(self.mask_token, std=0.02)
-        for mod in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """``initialize_weights`` of facebookresearch/mae models_mae.py, for encoder and decoder alike:
+        every Linear xavier-uniform with zero bias, every LayerNorm weight 1 / bias 0, the patch
+        embedding xavier-uniform as a Linear over the flattened patch (its bias keeps nn.Conv2d's
+        default, redrawn here so it does not depend on timm's init), class and mask tokens N(0, 0.02).
+        The position embeddings are the fixed sin-cos tables set above."""
+        proj = self.backbone.patch_embed.proj
+        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        if proj.bias is not None:
+            bound = 1 / math.sqrt(proj.weight[0].numel())  # nn.Conv2d.reset_parameters' bias bound
+            nn.init.uniform_(proj.bias, -bound, bound)
+        for token in (self.backbone.cls_token, self.mask_token):
+            if token is not None:
+                nn.init.normal_(token, std=0.02)
+        for mod in [self.backbone, self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
             for sub in mod.modules():
                 if isinstance(sub, nn.Linear):
                     nn.init.xavier_uniform_(sub.weight)
-                    nn.init.zeros_(sub.bias)
+                    if sub.bias is not None:
+                        nn.init.zeros_(sub.bias)
                 elif isinstance(sub, nn.LayerNorm):
                     nn.init.ones_(sub.weight)
                     nn.init.zeros_(sub.bias)
@@ -117,6 +134,8 @@ class MAE(SSLMethod):
         latent, mask, ids_restore = self.encode(images, float(m.mask_ratio))
         pred = self.decode(latent, ids_restore)
         loss = mae_loss(pred, patchify(images, self.patch), mask, bool(m.norm_pix_loss))
-        with torch.no_grad():  # the online probe reads the encoder on the whole, unmasked image
-            feats = self.backbone(images)
+        feats = None
+        if not self.training or self.features_needed():
+            with torch.no_grad():  # the online probe (and kNN bank) read the encoder on the whole, unmasked image
+                feats = self.backbone(images)
         return {"loss": loss, "feats": feats, "mask": mask, "pred": pred}

@@ -18,12 +18,43 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from ..distributed import gather_no_grad, rank
+from ..distributed import broadcast_tensors_, gather_no_grad, rank
 from ..losses import moco_v2_loss, moco_v3_loss
 from ..pos_embed import set_sincos_pos_embed
 from .base import SSLMethod, mlp
 
 log = logging.getLogger(__name__)
+
+
+def _xavier_patch_embed(proj: nn.Conv2d) -> None:
+    """Xavier-uniform over the flattened patch (fan_in C*p*p, fan_out D), zero bias."""
+    bound = math.sqrt(6.0 / (proj.weight[0].numel() + proj.weight.shape[0]))
+    with torch.no_grad():
+        proj.weight.uniform_(-bound, bound)
+        if proj.bias is not None:
+            proj.bias.zero_()
+
+
+@torch.no_grad()
+def moco_v3_vit_init(vit: nn.Module) -> None:
+    """MoCo v3's ViT initialisation (facebookresearch/moco-v3 vits.py ``VisionTransformerMoCo.__init__``;
+    solo-learn's solo/backbones/vit/vit_mocov3.py is the same): every Linear xavier-uniform with zero
+    bias, the fused qkv Linear with the bound of each Q/K/V part (``sqrt(6 / (out/3 + in))``); the
+    class token N(0, 1e-6); the patch projection xavier-uniform over the flattened patch, zero bias.
+    (timm's ``weight_init='moco'`` leaves the patch projection at the Conv2d default.)
+    """
+    for name, mod in vit.named_modules():
+        if isinstance(mod, nn.Linear):
+            if "qkv" in name:
+                bound = math.sqrt(6.0 / (mod.weight.shape[0] // 3 + mod.weight.shape[1]))
+                mod.weight.uniform_(-bound, bound)
+            else:
+                nn.init.xavier_uniform_(mod.weight)
+            if mod.bias is not None:
+                mod.bias.zero_()
+    if getattr(vit, "cls_token", None) is not None:
+        nn.init.normal_(vit.cls_token, std=1e-6)
+    _xavier_patch_embed(vit.patch_embed.proj)
 
 
 class _MoCo(SSLMethod):
@@ -54,6 +85,11 @@ class MoCoV2(_MoCo):
 
     ``queue`` (2, K, D) holds the last K keys of each view from all ranks, ``queue_ptr`` where the
     next batch goes; both are persistent buffers, so they are saved in and restored from checkpoints.
+
+    Under DDP the queue is identical on every rank by construction: every rank enqueues the same
+    all-gathered keys at the same pointer (broadcast once at fit start, so even a differently seeded
+    start agrees). DDP therefore runs without ``broadcast_buffers`` (``ssl_vision.devices``), which would
+    copy the queue (64 MiB at the paper's size) from rank 0 before every forward.
     """
 
     def __init__(self, cfg, num_classes: int):
@@ -81,6 +117,10 @@ class MoCoV2(_MoCo):
                         "image among the negatives (and the queue starts as random keys); small data wants a smaller "
                         "queue, e.g. method.queue_size=%d", k, images, per_step * max(1, images // (5 * per_step)))
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        broadcast_tensors_([self.queue, self.queue_ptr], src=0)
+
     def check_queue_size(self, keys_per_step: int) -> None:
         k = self.queue.shape[1]
         if k % keys_per_step:
@@ -92,12 +132,15 @@ class MoCoV2(_MoCo):
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
-        """Write ``keys`` (2, N, D), gathered from all ranks, at the pointer; the pointer wraps to 0."""
-        n = keys.shape[1]
+        """Write ``keys`` (2, N, D), gathered from all ranks, at the pointer; the pointer wraps to 0.
+
+        The pointer stays on the device: the rows to write are ``ptr + arange(N)`` (N divides K, so they
+        never wrap inside a batch), computed there rather than read back with ``int(queue_ptr)``."""
+        n, k = keys.shape[1], self.queue.shape[1]
         self.check_queue_size(n)
-        ptr = int(self.queue_ptr)
-        self.queue[:, ptr:ptr + n] = F.normalize(keys.to(self.queue.dtype), dim=-1)  # bf16 keys: normalize in fp32
-        self.queue_ptr.fill_((ptr + n) % self.queue.shape[1])
+        rows = self.queue_ptr + torch.arange(n, device=self.queue.device)
+        self.queue.index_copy_(1, rows, F.normalize(keys.to(self.queue.dtype), dim=-1))  # bf16 keys: normalize in fp32
+        self.queue_ptr.copy_((self.queue_ptr + n) % k)
 
     def forward_views(self, views):
         feats = [self.backbone(v) for v in views[:2]]
@@ -131,16 +174,15 @@ class MoCoV3(_MoCo):
         if not self.is_vit:
             return
         m = self.cfg.method
+        if m.get("vit_moco_init", True):
+            moco_v3_vit_init(self.backbone)
         if m.get("vit_sincos_pos_embed", True):
             set_sincos_pos_embed(self.backbone)
         if m.get("vit_frozen_patch_embed", True):
-            # a fixed random patch projection (xavier-uniform over the flattened patch) stabilizes training
+            # a fixed random patch projection stabilizes training (vits.py stop_grad_conv1)
             proj = self.backbone.patch_embed.proj
-            bound = math.sqrt(6.0 / (proj.weight[0].numel() + proj.weight.shape[0]))
-            with torch.no_grad():
-                proj.weight.uniform_(-bound, bound)
-                if proj.bias is not None:
-                    proj.bias.zero_()
+            if not m.get("vit_moco_init", True):  # the projection is xavier-uniform either way, as in vits.py
+                _xavier_patch_embed(proj)
             for p in proj.parameters():
                 p.requires_grad_(False)
 
