@@ -1,7 +1,6 @@
 """BYOL, SimSiam, Barlow Twins, VICReg and DINO: heads, each step against a reference computed here from
 the paper's pseudocode, the networks each evaluates, their schedules, and a short Lightning run each."""
 
-import math
 
 import lightning as L
 import numpy as np

@@ -397,6 +397,15 @@ def test_gradient_accumulation_is_refused_for_batch_coupled_recipes_and_warned_a
         caplog.clear()
         (warning,) = gradient_accumulation_check(make_cfg(f"method={method}"), 2)  # digits: ResNet-18/4
         assert all(w in warning for w in words) and warning in caplog.text
+    # issue 17's methods: each names what couples its batch
+    for method, words in (("byol", ("predictor", "target's projector")), ("simsiam", ("projector", "predictor")),
+                          ("barlow_twins", ("cross-correlation", "global batch")),
+                          ("vicreg", ("variance and covariance", "global batch")), ("dino", ("centre",))):
+        (warning,) = gradient_accumulation_check(make_cfg(f"method={method}"), 2)
+        assert all(w in warning for w in words) and "BatchNorm statistics of the backbone" in warning
+        assert "is not in ssl_vision.optim.BATCH_COUPLING" not in warning
+    (warning,) = gradient_accumulation_check(make_cfg("method=dino", "backbone=vit_tiny"), 2)
+    assert "centre" in warning and "backbone" not in warning
     assert "backbone" not in gradient_accumulation_check(make_cfg("method=simclr", "backbone=vit_tiny"), 2)[0]
     assert gradient_accumulation_check(make_cfg("method=moco_v2", "backbone=vit_tiny"), 2) == []
     assert gradient_accumulation_check(make_cfg("method=mae", "backbone=vit_tiny"), 8) == []
