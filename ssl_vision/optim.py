@@ -159,6 +159,15 @@ BATCH_COUPLING = {
     "moco_v3": "its negatives (the keys of the micro-batch) and the BatchNorm statistics of projector and predictor",
     "moco_v2": None,  # the queue keeps its negatives (it is filled every micro-batch); no BatchNorm in the head
     "mae": None,      # per-sample loss
+    "byol": "the BatchNorm statistics of its projector and predictor (and of the target's projector)",
+    "simsiam": "the BatchNorm statistics of its projector (the last one, without affine, included) and predictor",
+    "barlow_twins": "the per-dimension standardization and the cross-correlation matrix of its embeddings "
+                    "(the global batch of all ranks, here one micro-batch's) and the BatchNorm statistics of its "
+                    "projector",
+    "vicreg": "the variance and covariance terms of its embeddings (the global batch of all ranks, here one "
+              "micro-batch's) and the BatchNorm statistics of its expander",
+    "dino": "the centre of the teacher outputs (updated with momentum from each micro-batch's mean instead of once "
+            "from the accumulated batch's) and, with method.use_bn_in_head, the BatchNorm statistics of its head",
 }
 
 

@@ -77,9 +77,41 @@ def test_mae_record_compares_masked_with_full_tokens(bench):
 def test_methods_expand_to_their_default_backbones(bench):
     assert bench.parse_runs(["mae", "simclr:resnet50"]) == [("mae", "vit_tiny"), ("mae", "vit_small"),
                                                             ("simclr", "resnet50")]
-    assert len(bench.parse_runs(None)) == 5
-    with pytest.raises(SystemExit, match="unknown method 'byol'"):
-        bench.parse_runs(["byol"])
+    assert len(bench.parse_runs(None)) == 10 and {m for m, _ in bench.parse_runs(None)} == set(bench.METHODS)
+    assert bench.parse_runs(["dino"]) == [("dino", "resnet18")]
+    with pytest.raises(SystemExit, match="unknown method 'swav'"):
+        bench.parse_runs(["swav"])
+
+
+def test_byol_record_compares_the_step_with_its_own_networks(bench):
+    r = bench.bench_one("byol", "resnet18_tiny", 16, 8, warmup=1, repeats=2, device="cpu",
+                        overrides=["method.proj_hidden_dim=32", "method.pred_hidden_dim=32",
+                                   "method.proj_output_dim=16"])
+    check_record(r, 8)
+    assert len(r["network_samples_ms"]) == 2 and r["network_ms"] > 0 and "predictor" in r["network_contains"]
+    assert r["step_over_network"] == pytest.approx(r["step_ms"] / r["network_ms"])
+
+
+def test_dino_references_train_the_student_on_every_crop_and_run_the_teacher_on_the_globals(bench):
+    from ssl_vision.methods import build_method
+
+    cfg = bench.compose_cfg("dino", "resnet18_tiny", 32, 4, steps=1,
+                            extra=["method.out_dim=16", "method.hidden_dim=16", "method.bottleneck_dim=8"])
+    model = build_method(cfg, int(cfg.data.num_classes))
+    assert model.augment.sizes == [32, 32] + [14] * 8  # the paper's 224 / 96 px ratio
+    views = model.augment(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
+    seen = []  # (network, batch, size) of every backbone call
+    for name, net in (("student", model.student_backbone), ("teacher", model.backbone)):
+        net.register_forward_hook(lambda mod, args, out, name=name: seen.append((name, *args[0].shape[::2])))
+    fns = bench.reference_fns(model, "dino", views)
+    grads = lambda mod: [p.grad is not None for p in mod.parameters()]  # noqa: E731
+    fns["floor"]()
+    assert seen == [("student", 8, 32), ("student", 32, 14), ("teacher", 8, 32)]
+    assert all(grads(model.student_backbone)) and not any(grads(model.head)) and not any(grads(model.backbone))
+    seen.clear()
+    fns["network"]()
+    assert seen == [("student", 8, 32), ("student", 32, 14), ("teacher", 8, 32)]
+    assert all(grads(model.student_backbone)) and any(grads(model.head.mlp)) and not any(grads(model.teacher_head))
 
 
 def test_moco_v2_queue_and_data_fit_the_batch(bench):

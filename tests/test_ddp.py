@@ -366,3 +366,104 @@ def test_cli_ddp_run_on_two_cpu_processes(tmp_path):
     # the probes ran twice (baseline, final), on rank 0 only, on the whole probe-train set
     assert ranks[1]["probes"] == [] and [p["rank"] for p in ranks[0]["probes"]] == [0, 0]
     assert all(p["train_features"][0] == train_n for p in ranks[0]["probes"])
+
+# --- BYOL, SimSiam, Barlow Twins, VICReg, DINO: 2 ranks x B/2 == 1 rank x B (loss, weights, EMA teacher,
+# DINO centre); and the same step with per-rank statistics (the gathers replaced by the identity) must NOT
+# match, which shows that Barlow Twins' and VICReg's batch statistics and DINO's centre are global ------
+
+NEW_METHODS = {
+    "byol": ["method=byol", "method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_hidden_dim=32"],
+    "simsiam": ["method=simsiam", "method.proj_hidden_dim=32", "method.proj_output_dim=16",
+                "method.pred_hidden_dim=8"],
+    "barlow_twins": ["method=barlow_twins", "method.proj_hidden_dim=32", "method.proj_output_dim=16"],
+    "vicreg": ["method=vicreg", "method.proj_hidden_dim=32", "method.proj_output_dim=16"],
+    # 2 global views of 16 px + 2 local views of 8 px; the ViT interpolates its position embedding
+    "dino": ["method=dino", "method.hidden_dim=32", "method.bottleneck_dim=16", "method.out_dim=64",
+             "+backbone.kwargs.dynamic_img_size=true", "augment.views.local1.size=8", "augment.views.local2.size=8",
+             "method.norm_last_layer=false", "method.freeze_last_layer=0"]
+            + [f"~augment.views.local{i}" for i in range(3, 9)],
+}
+PER_RANK_GATHER = {"barlow_twins": "gather_with_grad", "vicreg": "gather_with_grad", "dino": "gather_no_grad"}
+
+
+def one_step_new(name, rank=0, world=1, per_rank=False):
+    """One SGD step of ``name`` on this rank's share of fixed views; ``per_rank``: with the method's gather
+    replaced by the identity (statistics of this rank's samples only)."""
+    import importlib
+
+    from ssl_vision.methods import build_method
+    from ssl_vision.methods.base import ema_update
+
+    g = torch.Generator().manual_seed(7)
+    sizes = (16, 16, 8, 8) if name == "dino" else (16, 16)
+    views = [torch.randn(B, 3, s, s, generator=g) for s in sizes]
+    n = B // world
+    local = [v[rank * n:(rank + 1) * n] for v in views]
+    torch.manual_seed(0)
+    model = build_method(make_cfg(NEW_METHODS[name]), num_classes=0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    module = importlib.import_module(f"ssl_vision.methods.{name}")
+    gather = PER_RANK_GATHER.get(name)
+    original = getattr(module, gather) if gather else None
+    if per_rank:
+        setattr(module, gather, lambda x: x)
+    try:
+        out = model.forward_views(local)
+    finally:
+        if per_rank:
+            setattr(module, gather, original)
+    params = [p for p in model.parameters() if p.requires_grad]
+    out["loss"].backward()
+    loss = out["loss"].detach()
+    if world > 1:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        dist.all_reduce(loss)
+        loss /= world
+    model.on_before_optimizer_step(None)  # DINO: per-parameter clipping (and last-layer freeze when set)
+    torch.optim.SGD(params, lr=0.5).step()
+    for online, target in model._momentum_pairs:
+        ema_update(online, target, 0.9)
+    return loss, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _worker_new(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {name: one_step_new(name, rank, world) for name in NEW_METHODS}
+        results.update({f"{name}/per_rank": one_step_new(name, rank, world, per_rank=True) for name in PER_RANK_GATHER})
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "ddp_new.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _max_difference(a, b):
+    (loss_a, state_a), (loss_b, state_b) = a, b
+    return max([float((loss_a - loss_b).abs())] + [float((state_a[k].float() - state_b[k].float()).abs().max())
+                                                   for k in state_a])
+
+
+def test_two_ranks_equal_one_rank_for_byol_simsiam_barlow_twins_vicreg_dino(tmp_path):
+    mp.spawn(_worker_new, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp_new.pt", weights_only=False)
+    for name in NEW_METHODS:
+        single = one_step_new(name)
+        assert single[1].keys() == ddp[name][1].keys()
+        assert _max_difference(single, ddp[name]) < 1e-5, name
+        if name in ("byol", "dino"):  # the EMA target is its own network: not the online one after a step
+            online, target = ("backbone", "momentum_backbone") if name == "byol" else ("student_backbone", "backbone")
+            key = "blocks.0.mlp.fc1.weight"
+            assert not torch.allclose(single[1][f"{online}.{key}"], single[1][f"{target}.{key}"], atol=1e-4)
+        if name == "dino":
+            assert single[1]["center"].abs().sum() > 0 and torch.allclose(single[1]["center"], ddp[name][1]["center"],
+                                                                       atol=1e-7)
+    # statistics of each rank's own samples give another step: the comparison above would catch them
+    for name in PER_RANK_GATHER:
+        assert _max_difference(one_step_new(name), ddp[f"{name}/per_rank"]) > 1e-3, name

@@ -62,6 +62,41 @@ SOLO_MOCO_V3 = {**SOLO_LARS, **ASYMMETRIC, "method.temperature": 0.2, "method.pr
                 "method.proj_output_dim": 256, "method.pred_hidden_dim": 4096, "method.momentum": 0.99,
                 "optimizer.lr": 0.3, "optimizer.weight_decay": 1e-6, "probe.lr": 0.3, "eval.linear.lr": 0.3,
                 **SOLO_LINEAR}
+# issue 17's methods, same solo-learn version: scripts/pretrain/{cifar,imagenet-100}/{byol,dino,dino_vit,simsiam,
+# barlow,vicreg}.yaml; the defaults their scripts leave out from solo/methods/{dino,barlow_twins}.py,
+# solo/losses/dino.py, solo/args/pretrain.py (SGD momentum 0.9, AdamW betas, no bias/norm exclusion from wd
+# unless exclude_bias_n_norm); offline lr from scripts/linear/imagenet-100/{byol,dino,simsiam,barlow,vicreg}.yaml.
+SOLO_BYOL = {**SOLO_LARS, **ASYMMETRIC, **SOLO_LINEAR, "method.proj_hidden_dim": 4096, "method.proj_output_dim": 256,
+             "method.momentum": 0.99, "probe.lr": 0.1, "eval.linear.lr": 0.3}
+SOLO_BARLOW = {**SOLO_LARS, **ASYMMETRIC, **SOLO_LINEAR, "method.proj_hidden_dim": 2048, "method.proj_output_dim": 2048,
+               "method.proj_layers": 3, "method.lambd": 0.0051, "method.scale_loss": 0.1, "method.bias_lr": None,
+               "optimizer.lr": 0.3, "optimizer.weight_decay": 1e-4, "probe.lr": 0.1, "eval.linear.lr": 0.1}
+# solo-learn's variance term sums the two branches' (solo/losses/vicreg.py); ssl_vision.losses.vicreg_loss halves
+# them as facebookresearch/vicreg does, so var_loss_weight 25 is std_coeff 50
+SOLO_VICREG = {**SOLO_LARS, **SOLO_LINEAR, "method.proj_hidden_dim": 2048, "method.proj_output_dim": 2048,
+               "method.proj_layers": 3, "method.sim_coeff": 25.0, "method.std_coeff": 2 * 25.0, "method.cov_coeff": 1.0,
+               "optimizer.lr": 0.3, "optimizer.weight_decay": 1e-4, "probe.lr": 0.1, "eval.linear.lr": 0.3,
+               "augment.all_views.crop_scale": [0.2, 1.0], "augment.all_views.jitter_prob": 0.8,
+               "augment.all_views.brightness": 0.4, "augment.all_views.contrast": 0.4,
+               "augment.all_views.saturation": 0.2, "augment.all_views.hue": 0.1,
+               "augment.all_views.grayscale_prob": 0.2, "augment.all_views.flip_prob": 0.5,
+               "augment.views.view1.solarize_prob": 0.1, "augment.views.view2.solarize_prob": 0.1}
+SOLO_SIMSIAM = {**SOLO_LINEAR, "method.proj_hidden_dim": 2048, "method.proj_output_dim": 2048, "method.proj_layers": 3,
+                "method.pred_hidden_dim": 512, "method.fix_pred_lr": True, "optimizer.name": "sgd",
+                "optimizer.lr": 0.5, "optimizer.momentum": 0.9, "optimizer.weight_decay": 1e-5,
+                "optimizer.exclude_bias_norm": False, "optimizer.warmup_epochs": 10, "probe.lr": 0.1,
+                "eval.linear.lr": 30.0}
+# DINO's views are global1 / global2 (its preset's names) and the 8 local crops are off: asymmetric.yaml has 2 crops
+DINO_ASYMMETRIC = {**{k: v for k, v in ASYMMETRIC.items() if ".views." not in k},
+                   "augment.views.global1.solarize_prob": 0.0, "augment.views.global2.solarize_prob": 0.2,
+                   **{f"augment.views.local{i}": None for i in range(1, 9)}}
+SOLO_DINO = {**DINO_ASYMMETRIC, **SOLO_LINEAR, "method.hidden_dim": 2048, "method.bottleneck_dim": 256,
+             "method.head_layers": 3, "method.use_bn_in_head": False, "method.momentum": 0.9995,
+             "method.student_temp": 0.1, "method.teacher_temp": 0.07, "method.warmup_teacher_temp": 0.04,
+             "method.center_momentum": 0.9, "method.freeze_last_layer": 1, "method.clip_grad": 0.0,
+             "method.weight_decay_end": None, "eval.linear.lr": 0.3}
+SOLO_DINO_RESNET = {**SOLO_DINO, **SOLO_LARS, "method.out_dim": 4096, "method.norm_last_layer": True,
+                    "optimizer.lr": 0.3, "optimizer.weight_decay": 1e-6, "probe.lr": 0.1}
 # facebookresearch/mae main_linprobe.py + FINETUNE.md "Linear Probing" (+ util/lars.py, util/lr_sched.py)
 MAE_LINPROBE = {"eval.linear.optimizer": "lars", "eval.linear.lars_trust": "moco_v3", "eval.linear.eta": 0.001,
                 "eval.linear.momentum": 0.9, "eval.linear.lr": 0.1, "eval.linear.scale_lr": True,
@@ -91,6 +126,48 @@ REFERENCE = {
     # solo-learn scripts/pretrain/imagenet-100/mocov3.yaml + augmentations/asymmetric.yaml
     "imagenet100_moco_v3_resnet18": {**SOLO_MOCO_V3, **SOLO_IN100, "augment.views.view1.blur_prob": 1.0,
                                      "augment.views.view2.blur_prob": 0.1},
+    # solo-learn scripts/pretrain/cifar/byol.yaml + augmentations/asymmetric.yaml (no blur at 32 px)
+    "cifar10_byol_resnet18": {**SOLO_BYOL, **SOLO_CIFAR, "method.pred_hidden_dim": 4096, "optimizer.lr": 1.0,
+                              "optimizer.weight_decay": 1e-5, "augment.views.view1.blur_prob": 0.0,
+                              "augment.views.view2.blur_prob": 0.0},
+    # solo-learn scripts/pretrain/imagenet-100/byol.yaml + augmentations/asymmetric.yaml
+    "imagenet100_byol_resnet18": {**SOLO_BYOL, **SOLO_IN100, "method.pred_hidden_dim": 8192, "optimizer.lr": 0.5,
+                                  "optimizer.weight_decay": 1e-6, "augment.views.view1.blur_prob": 1.0,
+                                  "augment.views.view2.blur_prob": 0.1},
+    # solo-learn scripts/pretrain/cifar/barlow.yaml + augmentations/asymmetric.yaml (no blur at 32 px)
+    "cifar10_barlow_twins_resnet18": {**SOLO_BARLOW, **SOLO_CIFAR, "augment.views.view1.blur_prob": 0.0,
+                                      "augment.views.view2.blur_prob": 0.0},
+    # solo-learn scripts/pretrain/imagenet-100/barlow.yaml + augmentations/asymmetric.yaml
+    "imagenet100_barlow_twins_resnet18": {**SOLO_BARLOW, **SOLO_IN100, "augment.views.view1.blur_prob": 1.0,
+                                          "augment.views.view2.blur_prob": 0.1},
+    # solo-learn scripts/pretrain/cifar/vicreg.yaml (its own augmentations list: no blur)
+    "cifar10_vicreg_resnet18": {**SOLO_VICREG, **SOLO_CIFAR, "augment.views.view1.blur_prob": 0.0,
+                                "augment.views.view2.blur_prob": 0.0},
+    # solo-learn scripts/pretrain/imagenet-100/vicreg.yaml + augmentations/vicreg.yaml
+    "imagenet100_vicreg_resnet18": {**SOLO_VICREG, **SOLO_IN100, "augment.views.view1.blur_prob": 0.5,
+                                    "augment.views.view2.blur_prob": 0.5},
+    # solo-learn scripts/pretrain/cifar/simsiam.yaml + augmentations/symmetric_weak.yaml (PIL blur at 32 px)
+    "cifar10_simsiam_resnet18": {**SOLO_SIMSIAM, **SOLO_CIFAR, **SYMMETRIC_WEAK, **CIFAR_BLUR},
+    # solo-learn scripts/pretrain/imagenet-100/simsiam.yaml + augmentations/asymmetric.yaml (its defaults list)
+    "imagenet100_simsiam_resnet18": {**SOLO_SIMSIAM, **SOLO_IN100, **ASYMMETRIC, "augment.views.view1.blur_prob": 1.0,
+                                     "augment.views.view2.blur_prob": 0.1},
+    # solo-learn scripts/pretrain/cifar/dino.yaml + augmentations/asymmetric.yaml (no blur at 32 px), dino.py defaults
+    "cifar10_dino_resnet18": {**SOLO_DINO_RESNET, **SOLO_CIFAR, "method.warmup_teacher_temp_epochs": 0,
+                              "augment.views.global1.blur_prob": 0.0, "augment.views.global2.blur_prob": 0.0},
+    # solo-learn scripts/pretrain/imagenet-100/dino.yaml + augmentations/asymmetric.yaml
+    "imagenet100_dino_resnet18": {**SOLO_DINO_RESNET, **SOLO_IN100, "method.warmup_teacher_temp_epochs": 50,
+                                  "augment.views.global1.blur_prob": 1.0, "augment.views.global2.blur_prob": 0.1},
+    # solo-learn scripts/pretrain/imagenet-100/dino_vit.yaml + augmentations/asymmetric.yaml, solo/backbones/vit/vit.py
+    # (vit_tiny: patch 16). README: a run without DALI (PIL blur, bicubic torchvision crop) at a total batch of 128
+    # in float32: solo/args/pretrain.py scales lr and classifier_lr by 128 / 256. AdamW on every parameter.
+    "imagenet100_dino_vit_tiny": {
+        **SOLO_DINO, "method.out_dim": 65536, "method.norm_last_layer": False, "method.warmup_teacher_temp_epochs": 0,
+        "optimizer.name": "adamw", "optimizer.lr": 5e-3, "optimizer.weight_decay": 1e-4,
+        "optimizer.betas": [0.9, 0.999], "optimizer.exclude_bias_norm": False, "optimizer.warmup_epochs": 10,
+        "optimizer.scale_lr": True, "data.batch_size": 128, "probe.lr": 3e-3 * 128 / 256, "backbone.patch_size": 16,
+        "trainer.max_epochs": 400, "trainer.precision": "32-true", "augment.views.global1.blur_prob": 1.0,
+        "augment.views.global2.blur_prob": 0.1, "augment.all_views.blur_kernel": "auto",
+        "augment.all_views.interpolation": "bicubic"},
     # solo-learn scripts/pretrain/imagenet-100/mocov3_vit.yaml (8 GPUs x 128, AdamW defaults, all parameters
     # decayed, warm-up default 10), solo/backbones/vit/vit_mocov3.py (12 heads, moco-v3 init, sin-cos, no stop-grad)
     "imagenet100_moco_v3_vit_small": {
@@ -187,11 +264,15 @@ def test_recipe_composes_and_builds_its_model(make_cfg, name):
 
 @pytest.mark.parametrize("name,blurred,kernel", [("cifar10_simclr_resnet18", True, 13),
                                                   ("cifar10_moco_v2_resnet18", True, 13),
-                                                  ("cifar10_moco_v3_resnet18", False, None)])
+                                                  ("cifar10_moco_v3_resnet18", False, None),
+                                                  ("cifar10_simsiam_resnet18", True, 13),
+                                                  *[(f"cifar10_{m}_resnet18", False, None)
+                                                    for m in ("byol", "barlow_twins", "vicreg", "dino")]])
 def test_cifar_recipes_blur_at_32_px_as_solo_learns_pil_blur(make_cfg, name, blurred, kernel):
     """solo-learn (since its yaml scripts) applies PIL's GaussianBlur(radius=sigma), sigma in [0.1, 2], at
-    p=0.5 to 32 px SimCLR / MoCo v2+ views; its kernel is not capped by the image size, so the view gets
-    the whole +-3 sigma Gaussian (13 px), not a 10%-of-32-px (3 px) one. MoCo v3's CIFAR views: no blur."""
+    p=0.5 to 32 px SimCLR / MoCo v2+ / SimSiam (symmetric_weak.yaml) views; its kernel is not capped by the image
+    size, so the view gets the whole +-3 sigma Gaussian (13 px), not a 10%-of-32-px (3 px) one. The CIFAR views
+    of MoCo v3, BYOL, Barlow Twins, DINO (asymmetric.yaml) and VICReg (vicreg.yaml's own list): no blur."""
     from ssl_vision.augment import blur_kernel_size
 
     cfg = compose(make_cfg, name)
@@ -397,6 +478,15 @@ def test_gradient_accumulation_is_refused_for_batch_coupled_recipes_and_warned_a
         caplog.clear()
         (warning,) = gradient_accumulation_check(make_cfg(f"method={method}"), 2)  # digits: ResNet-18/4
         assert all(w in warning for w in words) and warning in caplog.text
+    # issue 17's methods: each names what couples its batch
+    for method, words in (("byol", ("predictor", "target's projector")), ("simsiam", ("projector", "predictor")),
+                          ("barlow_twins", ("cross-correlation", "global batch")),
+                          ("vicreg", ("variance and covariance", "global batch")), ("dino", ("centre",))):
+        (warning,) = gradient_accumulation_check(make_cfg(f"method={method}"), 2)
+        assert all(w in warning for w in words) and "BatchNorm statistics of the backbone" in warning
+        assert "is not in ssl_vision.optim.BATCH_COUPLING" not in warning
+    (warning,) = gradient_accumulation_check(make_cfg("method=dino", "backbone=vit_tiny"), 2)
+    assert "centre" in warning and "backbone" not in warning
     assert "backbone" not in gradient_accumulation_check(make_cfg("method=simclr", "backbone=vit_tiny"), 2)[0]
     assert gradient_accumulation_check(make_cfg("method=moco_v2", "backbone=vit_tiny"), 2) == []
     assert gradient_accumulation_check(make_cfg("method=mae", "backbone=vit_tiny"), 8) == []

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from ssl_vision.config import ConfigError, conf_dir, group_options
+from ssl_vision.config import ConfigError, group_options
 from ssl_vision.data import SSLDataModule
 from ssl_vision.data.datamodule import MAX_AUTO_WORKERS, loader_workers
 

@@ -1,6 +1,6 @@
 """Cost of each method's training step against its backbone's own cost (the "floor").
 
-    python tools/bench.py --quick          # ResNet-18 / ViT-Tiny / ViT-Small at 32 px; < 5 min on 2 idle CPU cores
+    python tools/bench.py --quick          # every method: ResNet-18 / ViT-Tiny / ViT-Small at 32 px
     python tools/bench.py --image-size 224 --batch-size 128 --methods simclr moco_v3 mae:vit_base
     python tools/bench.py --methods simclr:resnet18_tiny --image-size 16 --batch-size 8 --out tiny.json
     python tools/bench.py --image-size 224 --batch-size 256 trainer.precision=bf16-mixed   # Hydra overrides
@@ -16,8 +16,11 @@ For each method and backbone, in this process, on one device (``--device``; auto
 - floor_ms: the backbone alone, forward + ``.sum().backward()``, on exactly the views the method
   trained on in that step: SimCLR one call on the 2B concatenated views; MoCo v2/v3 one call per view
   plus the momentum backbone's no-grad forward of each view; MAE the ViT's full-token forward of the
-  B images. No augmentation, heads, loss or optimizer step. It runs between the Trainer's steps
-  (outside their timed intervals), so floor and step alternate and a busy machine's drift hits both.
+  B images; BYOL as MoCo (online backbone per view + target backbone no-grad); SimSiam, Barlow Twins,
+  VICReg the backbone per view; DINO the student backbone on every crop (one call per crop size) + the
+  teacher backbone's no-grad forward of the global views. No augmentation, heads, loss or optimizer step.
+  It runs between the Trainer's steps (outside their timed intervals), so floor and step alternate and
+  a busy machine's drift hits both.
 - augment_images_per_second: ``model.augment`` alone on a uint8 batch, every view counted.
 - peak_memory_mb over the fit: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the growth of
   the process's peak RSS over its RSS before the fit (``memory_kind`` says which).
@@ -27,6 +30,11 @@ For each method and backbone, in this process, on one device (``--device``; auto
   tokens plus the decoder, forward + backward, and step_over_network = step_ms / network_ms is what
   the rest of the step (loss, augmentation, the online probe's no-grad full-image forward,
   optimizer, logging) adds on top of MAE's own networks.
+- BYOL, DINO, SimSiam, Barlow Twins, VICReg also: network_ms, the method's own networks (backbone and
+  heads: projector, predictor, DINO head) forward + backward on every view they see, plus the target /
+  teacher networks' no-grad forward where there is one (the method's ``network_floor``), and
+  step_over_network = step_ms / network_ms, as for MAE: what the loss, augmentation, online probe,
+  optimizer, EMA and logging add on top of the networks the method cannot do without.
 
 - host_syncs_per_step: the points of one more training iteration (after the timed ones, itself
   untimed) where the host waits for a device value, by whose code asked for it. On the CPU a
@@ -69,6 +77,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ssl_vision.backbones import resolve_patch_size
 from ssl_vision.callbacks import Throughput
 from ssl_vision.config import conf_dir
 from ssl_vision.data import SSLDataModule
@@ -76,13 +85,25 @@ from ssl_vision.devices import apply_device_defaults, device_trainer_kwargs
 from ssl_vision.methods import METHODS, build_method
 
 DEFAULT_RUNS = [("simclr", "resnet18"), ("moco_v2", "resnet18"), ("moco_v3", "resnet18"),
-                ("mae", "vit_tiny"), ("mae", "vit_small")]
+                ("mae", "vit_tiny"), ("mae", "vit_small"), ("byol", "resnet18"), ("dino", "resnet18"),
+                ("simsiam", "resnet18"), ("barlow_twins", "resnet18"), ("vicreg", "resnet18")]
 FLOOR = {
     "simclr": "backbone fwd+bwd on the 2B concatenated views (one call)",
     "moco_v2": "backbone fwd+bwd per view + momentum backbone no-grad fwd per view",
     "mae": "ViT full-token fwd+bwd of the B images",
 }
-FLOOR["moco_v3"] = FLOOR["moco_v2"]
+FLOOR["moco_v3"] = FLOOR["byol"] = FLOOR["moco_v2"]
+FLOOR["simsiam"] = FLOOR["barlow_twins"] = FLOOR["vicreg"] = "backbone fwd+bwd per view"
+FLOOR["dino"] = ("student backbone fwd+bwd on every crop (one call per size) + teacher backbone no-grad fwd on "
+                 "the globals")
+NETWORK = {  # what network_ms times (step_over_network = step_ms / network_ms)
+    "mae": "ViT encoder on the visible tokens + decoder fwd+bwd",
+    "byol": "online backbone + projector + predictor fwd+bwd per view + target backbone + projector no-grad fwd",
+    "simsiam": "backbone + projector + predictor fwd+bwd per view",
+    "barlow_twins": "backbone + projector fwd+bwd per view",
+    "vicreg": "backbone + expander fwd+bwd per view",
+    "dino": "student backbone + DINO head fwd+bwd on every crop + teacher backbone + head no-grad fwd on the globals",
+}
 QUEUE_BATCHES = 16  # MoCo v2's queue holds this many batches
 
 
@@ -96,6 +117,12 @@ def compose_cfg(method: str, backbone: str, image_size: int, batch_size: int, st
         overrides.append(f"method.queue_size={QUEUE_BATCHES * batch_size}")
     if backbone.startswith("vit"):
         overrides.append(f"backbone.patch_size={patch_size}")
+    if method == "dino":  # local crops at the paper's 96 / 224 of the global size (dino.yaml's 96 px is for 224)
+        step = resolve_patch_size(patch_size, image_size) if backbone.startswith(("vit", "deit")) else 2
+        local = max(step, step * round(image_size * 96 / 224 / step))  # a ViT's: whole patches
+        overrides += [f"augment.views.local{i}.size={local}" for i in range(1, 9)]
+        if step != 2:
+            overrides.append("+backbone.kwargs.dynamic_img_size=true")
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         cfg = compose(config_name="train", overrides=overrides + list(extra))
     # enough images that every step falls in the first epoch (no epoch end inside the timed steps)
@@ -306,9 +333,12 @@ def memory_peak_mb(device: torch.device, baseline: float, kind: str) -> float:
 
 
 def reference_fns(model, method: str, views: list[torch.Tensor]) -> dict:
-    """Closures of the backbone-only work of one step on ``views`` (see ``FLOOR``): ``floor``, and for
+    """Closures of the backbone-only work of one step on ``views`` (see ``FLOOR``): ``floor``; for
     MAE ``masked``, its encoder on the visible tokens only (``model.encode``), forward + backward, and
-    ``network``, that encoder plus the decoder (``model.decode``), forward + backward."""
+    ``network``, that encoder plus the decoder (``model.decode``), forward + backward; for the methods
+    with a ``network_floor`` (``NETWORK``), ``network``: that, backbone and heads on every view they see."""
+    if method == "dino":  # self.backbone is DINO's teacher; the student sees every crop
+        return dino_reference_fns(model, views)
     backbone, views = model.backbone, views[: 1 if method == "mae" else 2]
 
     def floor():
@@ -317,7 +347,7 @@ def reference_fns(model, method: str, views: list[torch.Tensor]) -> dict:
             backbone(torch.cat(views)).sum().backward()
             return
         sum(backbone(v).sum() for v in views).backward()
-        if method.startswith("moco"):
+        if hasattr(model, "momentum_backbone"):  # MoCo's key encoder, BYOL's target
             with torch.no_grad():
                 for v in views:
                     model.momentum_backbone(v)
@@ -331,7 +361,35 @@ def reference_fns(model, method: str, views: list[torch.Tensor]) -> dict:
         latent, _, ids_restore = model.encode(views[0], float(model.cfg.method.mask_ratio))
         model.decode(latent, ids_restore).sum().backward()
 
-    return {"floor": floor, "masked": masked, "network": network} if method == "mae" else {"floor": floor}
+    if method == "mae":
+        return {"floor": floor, "masked": masked, "network": network}
+    return {"floor": floor, **own_networks(model, views)}
+
+
+def own_networks(model, views: list[torch.Tensor]) -> dict:
+    """``network``: the method's ``network_floor`` (its networks on every view they see), if it has one."""
+    if not hasattr(model, "network_floor"):
+        return {}
+
+    def network():
+        model.zero_grad(set_to_none=True)
+        model.network_floor(views)
+    return {"network": network}
+
+
+def dino_reference_fns(model, views: list[torch.Tensor]) -> dict:
+    """DINO's ``floor``: the student backbone forward + backward on every crop, one call per run of crops
+    of one size (as the step), and the teacher backbone's no-grad forward of the global crops; and its
+    ``network``, the same with the DINO heads (``DINO.network_floor``)."""
+    from ssl_vision.methods.dino import multicrop
+
+    def floor():
+        model.student_backbone.zero_grad(set_to_none=True)
+        multicrop(model.student_backbone, views).sum().backward()
+        with torch.no_grad():
+            multicrop(model.backbone, views[: model.augment.num_global])
+
+    return {"floor": floor, **own_networks(model, views)}
 
 
 def device_name(device: torch.device) -> str:
@@ -391,21 +449,25 @@ def bench_one(method: str, backbone: str, image_size: int, batch_size: int, warm
     record["host_sync_method"] = "cuda sync debug mode" if cuda else "TorchDispatchMode (ops that sync on a GPU)"
     if method == "mae":
         record.update(patch_size=int(model.patch), mask_ratio=float(cfg.method.mask_ratio),
-                      masked_ms=statistics.median(times["masked"]), masked_samples_ms=times["masked"],
-                      network_ms=statistics.median(times["network"]), network_samples_ms=times["network"])
+                      masked_ms=statistics.median(times["masked"]), masked_samples_ms=times["masked"])
         record["masked_over_full"] = record["masked_ms"] / floor_ms
+    if "network" in times:
+        record.update(network_ms=statistics.median(times["network"]), network_samples_ms=times["network"],
+                      network_contains=NETWORK[method])
         record["step_over_network"] = step_ms / record["network_ms"]
+    if method == "dino":
+        record["views"] = [list(v) for v in zip(model.augment.names, model.augment.sizes)]
     return record
 
 
 def markdown_table(records: list[dict]) -> str:
     """The records as a markdown table, one row per method + backbone."""
     head = ["method", "backbone", "px", "batch", "GFLOPs/img", "floor ms", "step ms", "step/floor", "img/s",
-            "aug img/s", "peak MiB", "syncs step/aug/data/PL", "masked ms", "masked/full", "enc+dec ms", "step/(enc+dec)"]
+            "aug img/s", "peak MiB", "syncs step/aug/data/PL", "masked ms", "masked/full", "network ms", "step/network"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
-        masked = [f"{r['masked_ms']:.1f}", f"{r['masked_over_full']:.3f}", f"{r['network_ms']:.1f}",
-                  f"{r['step_over_network']:.3f}"] if "masked_ms" in r else [""] * 4
+        masked = [f"{r['masked_ms']:.1f}", f"{r['masked_over_full']:.3f}"] if "masked_ms" in r else [""] * 2
+        masked += [f"{r['network_ms']:.1f}", f"{r['step_over_network']:.3f}"] if "network_ms" in r else [""] * 2
         n = r["host_syncs_per_step"]
         syncs = "/".join(str(n[c]) for c in ("step", "augment", "data", "lightning"))
         cells = [r["method"], r["backbone"], str(r["image_size"]), str(r["batch_size"]),
@@ -469,10 +531,12 @@ def main(argv=None) -> list[dict]:
     print(markdown_table(records))
     print("\nfloor: " + "; ".join(f"{m}: {FLOOR[m]}" for m in dict.fromkeys(x["method"] for x in records)))
     print("step: a real Trainer iteration (fetch, augmentation, heads, loss, probe, backward, optimizer, EMA/queue); "
-          "masked: MAE encoder on visible tokens fwd+bwd; enc+dec: that encoder + MAE's decoder fwd+bwd "
-          f"(the step adds loss, augmentation, the probe's full-image forward, optimizer); "
+          "masked: MAE encoder on visible tokens fwd+bwd; network: the method's own networks, fwd+bwd on every view "
+          f"they see (the step adds loss, augmentation, the probe's forward, optimizer); "
           f"peak MiB: {r['memory_kind']}; syncs: host syncs in one iteration by origin (training step / "
           f"augmentation / loader / Lightning), {r['host_sync_method']}")
+    print("network: " + "; ".join(f"{m}: {NETWORK[m]}" for m in dict.fromkeys(x["method"] for x in records)
+                                  if m in NETWORK))
     for r in records:
         for site in r["host_sync_sites"]:
             print(f"  {r['method']} {r['backbone']}: {site}")

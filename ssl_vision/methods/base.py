@@ -30,6 +30,7 @@ from ..augment import EvalTransform, build_augment
 from ..backbones import backbone_from_config
 from ..config import ConfigError
 from ..data import train_batches_done
+from ..diagnostics import normalized_std, rankme
 from ..distributed import broadcast_tensors_, gather_no_grad
 from ..optim import build_optimizer, check_optimizer_config, scaled_lr, split_decay, warmup_cosine
 from ..online_knn import OnlineKNN
@@ -235,7 +236,9 @@ class SSLMethod(L.LightningModule, abc.ABC):
                         "SyncBatchNorm (pytorch/pytorch#161302), so a ResNet compiles into one small graph per "
                         "layer and gains little; use backbone.compile=false with SyncBatchNorm, or "
                         "trainer.sync_batchnorm=false (per-GPU statistics) to compile")
-        backbones = [self.backbone] + [t for online, t in self._momentum_pairs if online is self.backbone]
+        # the backbone's momentum twin, on either side (DINO's ``backbone`` is the EMA teacher)
+        backbones = [self.backbone] + [m for pair in self._momentum_pairs if any(x is self.backbone for x in pair)
+                                       for m in pair if m is not self.backbone]
         for backbone in backbones:
             for module in (backbone.blocks if self.is_vit else [backbone]):
                 module.compile(mode=None if mode is True else str(mode))
@@ -296,6 +299,7 @@ class SSLMethod(L.LightningModule, abc.ABC):
                         self.global_step, self.global_rank)
             views, labels = self._stand_in(views)
         out = self.forward_views(views)
+        self.log_collapse_diagnostics(out)
         if self.online_knn is not None and self.online_knn.due(self.current_epoch):
             self.online_knn.add_bank(out["feats"], labels)  # the first view's features: no extra pass
         loss = out["loss"]
@@ -367,6 +371,19 @@ class SSLMethod(L.LightningModule, abc.ABC):
         # validate with rank 0's, the ones its checkpoint holds (a few small broadcasts per epoch)
         norms = [m for m in self.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, LocalBatchNorm1d))]
         broadcast_tensors_([b for m in norms for b in m.buffers()], src=0)
+
+    def log_collapse_diagnostics(self, out: dict) -> None:
+        """At the steps the logger writes (every ``trainer.log_every_n_steps``), log ``normalized_std`` and
+        ``rankme`` (``ssl_vision.diagnostics``) of this rank's ``feats`` and, where ``forward_views`` returns
+        one, its ``embedding`` (the method's projection): no work and no host sync on the other steps."""
+        every = self.trainer.log_every_n_steps if self._trainer is not None else 0
+        if not every or (self.global_step + 1) % every:  # Lightning writes at (steps done + 1) % every == 0
+            return
+        for key in ("feats", "embedding"):
+            if out.get(key) is not None:
+                x = out[key].detach()
+                self.log(f"diag/{key}_std", normalized_std(x), on_step=True, on_epoch=False)
+                self.log(f"diag/{key}_rankme", rankme(x), on_step=True, on_epoch=False)
 
     def validation_step(self, batch, batch_idx):
         if self.probe is None:
@@ -462,6 +479,10 @@ class SSLMethod(L.LightningModule, abc.ABC):
         epochs = max(1, int(self.trainer.max_epochs or 1))
         warmup = int(round(float(o.get("warmup_epochs", 0)) * total / epochs))
         min_ratio = float(o.get("min_lr_ratio", 0.0))
+        def lr_factor(step):
+            return warmup_cosine(step, warmup, total, min_ratio)
+
+        # a group with ``fixed_lr`` keeps its initial lr (SimSiam's predictor)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio))
+            optimizer, [(lambda step: 1.0) if g.get("fixed_lr") else lr_factor for g in optimizer.param_groups])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
