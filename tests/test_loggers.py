@@ -1,6 +1,7 @@
 """The ``logger`` config group: TensorBoard event files from a run, several loggers at once, the W&B run id
 kept across a resume, and a one-line error naming the pip extra when a logger's package is missing."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -120,6 +121,6 @@ def test_wandb_offline_run_and_its_resume_share_one_run_id(tmp_path):
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and {name.rsplit("-", 1)[1] for name in runs} == {run_id}  # one W&B run, two sessions
     # the csv logger beside it kept metrics.csv across the resume
-    rows = (run_dir / "metrics.csv").read_text().splitlines()
-    logged = sorted({int(line.split(",")[1]) for line in rows[1:]})
+    with open(run_dir / "metrics.csv", newline="") as f:
+        logged = sorted({int(row["step"]) for row in csv.DictReader(f)})
     assert logged[0] < 12 < logged[-1]
