@@ -64,3 +64,16 @@ def ddp_without_buffer_broadcast(strategy):
     ddp_args = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
     no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in ddp_args else {"broadcast_buffers": False}
     return DDPStrategy(**entry["init_params"], **no_sync)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo (``platform.processor()`` where there is none)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor() or platform.machine() or device.type

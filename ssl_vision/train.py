@@ -22,7 +22,7 @@ from .callbacks import (AtomicCheckpointIO, CheckpointWriteError, LastCheckpoint
 from .cli import RunFailed, entry_point
 from .config import ConfigError
 from .data import SkippedFilesReport, SSLDataModule
-from .devices import apply_device_defaults, device_trainer_kwargs, trains_on_gpu
+from .devices import apply_device_defaults, device_name, device_trainer_kwargs, trains_on_gpu
 from .evaluation import check_probe_memory, evaluate_backbone, load_checkpoint
 from .loggers import LoggerRunIds, build_loggers
 from .methods import build_method
@@ -172,18 +172,6 @@ def git_commit(package_dir: Path | None = None) -> dict:
         return {}
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-
-        return platform.processor() or platform.machine() or device.type
-
-
 def provenance(trainer: L.Trainer) -> dict:
     """What produced the run: the package version (and git commit from a checkout), the versions of torch,
     lightning, timm and kornia, the devices (each rank's device name, gathered: {name: count}), the
@@ -199,10 +187,10 @@ def provenance(trainer: L.Trainer) -> dict:
             return None
 
     device = trainer.strategy.root_device
-    names = [_device_name(device)]
+    names = [device_name(device)]
     if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         names = [None] * trainer.world_size
-        torch.distributed.all_gather_object(names, _device_name(device))
+        torch.distributed.all_gather_object(names, device_name(device))
     counts: dict[str, int] = {}
     for name in names:
         counts[name] = counts.get(name, 0) + 1

@@ -6,6 +6,9 @@ import sys
 import pytest
 import torch
 
+from ssl_vision.config import ConfigError
+from ssl_vision.train import run
+
 from .conftest import TINY
 
 CASES = {
@@ -27,25 +30,27 @@ def train(*args, cwd):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_setting_is_one_line_before_training(tmp_path, case):
+def test_bad_setting_is_one_line_before_training(make_cfg, tmp_path, case):
+    """Each bad setting is a one-line ConfigError naming it, raised before anything is trained (in-process:
+    tests/test_cli.py checks that the entry points print such an error as one line with exit code 2)."""
     overrides, expected = CASES[case]
-    r = train(*overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
-    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    cfg = make_cfg(*TINY, *overrides, f"+run_dir={tmp_path / 'run'}")
+    with pytest.raises(ConfigError) as e:
+        run(cfg)
+    line = str(e.value)
+    assert "\n" not in line and expected in line, line
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was trained
-    close = lines[0].partition("close matches: ")[2].partition(" (")[0].split(", ")
+    close = line.partition("close matches: ")[2].partition(" (")[0].split(", ")
     assert len(close) == len(set(close))  # each suggestion once
 
 
-def test_checkpoint_of_another_method_is_refused_on_resume(tmp_path):
-    run = tmp_path / "run"
-    assert train("trainer.max_steps=1", "eval.enabled=false", f"hydra.run.dir={run}", cwd=tmp_path).returncode == 0
-    r = train("method=moco_v2", "method.queue_size=128", f"hydra.run.dir={run}", cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == (f"error: resume: checkpoint '{run}/checkpoints/last.ckpt' was trained with method "
-                                "'simclr', but this config has method 'moco_v2'; use method=simclr or a new run directory")
+def test_checkpoint_of_another_method_is_refused_on_resume(make_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    run(make_cfg(*TINY, "trainer.max_steps=1", "eval.enabled=false", "plots=false", f"+run_dir={run_dir}"))
+    with pytest.raises(ConfigError) as e:
+        run(make_cfg(*TINY, "method=moco_v2", "method.queue_size=128", f"+run_dir={run_dir}"))
+    assert str(e.value) == (f"resume: checkpoint '{run_dir}/checkpoints/last.ckpt' was trained with method "
+                            "'simclr', but this config has method 'moco_v2'; use method=simclr or a new run directory")
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):

@@ -21,8 +21,8 @@ STEPS_PER_EPOCH = 6  # 384 training images of data=synthetic, batch 64
 CHECKPOINTS = {"epoch_end": [], "mid_epoch": ["checkpoint.every_n_steps=4"],
                "mid_epoch_ddp": ["checkpoint.every_n_steps=4", "trainer=ddp", "trainer.devices=2",
                                  "data.batch_size=32"]}
-CASES = [("simclr", "epoch_end"), ("moco_v2", "epoch_end"), ("simclr", "mid_epoch"), ("moco_v2", "mid_epoch"),
-         ("moco_v2", "mid_epoch_ddp")]
+# each kind of checkpoint once, MoCo v2 (EMA encoder + queue) where it matters most; SimCLR with a loader worker
+CASES = [("moco_v2", "epoch_end"), ("simclr", "mid_epoch"), ("moco_v2", "mid_epoch_ddp")]
 
 
 def command(run_dir, extra):

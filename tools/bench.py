@@ -63,7 +63,6 @@ import ctypes
 import json
 import logging
 import math
-import platform
 import resource
 import statistics
 import sys
@@ -81,7 +80,7 @@ from ssl_vision.backbones import resolve_patch_size
 from ssl_vision.callbacks import Throughput
 from ssl_vision.config import conf_dir
 from ssl_vision.data import SSLDataModule
-from ssl_vision.devices import apply_device_defaults, device_trainer_kwargs
+from ssl_vision.devices import apply_device_defaults, device_name, device_trainer_kwargs
 from ssl_vision.methods import METHODS, build_method
 
 DEFAULT_RUNS = [("simclr", "resnet18"), ("moco_v2", "resnet18"), ("moco_v3", "resnet18"),
@@ -390,17 +389,6 @@ def dino_reference_fns(model, views: list[torch.Tensor]) -> dict:
             multicrop(model.backbone, views[: model.augment.num_global])
 
     return {"floor": floor, **own_networks(model, views)}
-
-
-def device_name(device: torch.device) -> str:
-    """GPU name, or the CPU model from /proc/cpuinfo (platform.processor() elsewhere)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def bench_one(method: str, backbone: str, image_size: int, batch_size: int, warmup: int = 2, repeats: int = 5,

@@ -32,13 +32,8 @@ class BarlowTwins(SSLMethod):
                 g["lr"] = scaled_lr(float(bias_lr), self.global_batch_size(), bool(self.cfg.optimizer.get("scale_lr", True)))
         return groups
 
-    def networks(self, views: list[torch.Tensor]) -> dict:
-        """Features and projections of the two views, each view through the networks on its own."""
-        feats = [self.backbone(v) for v in views[:2]]
-        return {"feats": feats, "z": [self.projector(f) for f in feats]}
-
     def forward_views(self, views):
-        n = self.networks(views)
+        n = self.project_two_views(views)
         z1, z2 = n["z"]
         m = self.cfg.method
         # the whole batch's statistics: every rank computes the same loss on the gathered projections,
@@ -48,4 +43,4 @@ class BarlowTwins(SSLMethod):
 
     def network_floor(self, views: list[torch.Tensor]) -> None:
         """tools/bench.py's floor: backbone and projector forward + backward on each view."""
-        sum(z.float().sum() for z in self.networks(views)["z"]).backward()
+        sum(z.float().sum() for z in self.project_two_views(views)["z"]).backward()

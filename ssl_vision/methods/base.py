@@ -156,6 +156,12 @@ class SSLMethod(L.LightningModule, abc.ABC):
         """Backbone features of normalized images."""
         return self.backbone(x)
 
+    def project_two_views(self, views: list[torch.Tensor]) -> dict:
+        """``{"feats": [f1, f2], "z": [z1, z2]}``: backbone features and ``self.projector`` outputs of the first two
+        views, each view through the networks on its own (BYOL, SimSiam, Barlow Twins, VICReg)."""
+        feats = [self.backbone(v) for v in views[:2]]
+        return {"feats": feats, "z": [self.projector(f) for f in feats]}
+
     # --- momentum encoder machinery ---------------------------------------------------------------
     def momentum_copy(self, online: nn.Module) -> nn.Module:
         """An EMA copy of ``online`` (no gradient) that is updated after every optimizer step."""

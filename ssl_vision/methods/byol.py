@@ -27,12 +27,11 @@ class BYOL(SSLMethod):
 
     def networks(self, views: list[torch.Tensor]) -> dict:
         """Online features, projections, predictions and target projections of the two global views."""
-        feats = [self.backbone(v) for v in views[:2]]
-        z = [self.projector(f) for f in feats]
-        p = [self.predictor(x) for x in z]
+        n = self.project_two_views(views)
+        n["p"] = [self.predictor(x) for x in n["z"]]
         with torch.no_grad():
-            target = [self.momentum_projector(self.momentum_backbone(v)) for v in views[:2]]
-        return {"feats": feats, "z": z, "p": p, "target": target}
+            n["target"] = [self.momentum_projector(self.momentum_backbone(v)) for v in views[:2]]
+        return n
 
     def forward_views(self, views):
         n = self.networks(views)

@@ -40,9 +40,9 @@ class SimSiam(SSLMethod):
 
     def networks(self, views: list[torch.Tensor]) -> dict:
         """Features, projections and predictions of the two views, each view through the networks on its own."""
-        feats = [self.backbone(v) for v in views[:2]]
-        z = [self.projector(f) for f in feats]
-        return {"feats": feats, "z": z, "p": [self.predictor(x) for x in z]}
+        n = self.project_two_views(views)
+        n["p"] = [self.predictor(x) for x in n["z"]]
+        return n
 
     def forward_views(self, views):
         n = self.networks(views)

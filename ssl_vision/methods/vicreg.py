@@ -22,13 +22,8 @@ class VICReg(SSLMethod):
         self.projector = mlp(self.feat_dim, m.proj_hidden_dim, m.proj_output_dim, layers=int(m.proj_layers),
                              last_bias=False)
 
-    def networks(self, views: list[torch.Tensor]) -> dict:
-        """Features and projections of the two views, each view through the networks on its own."""
-        feats = [self.backbone(v) for v in views[:2]]
-        return {"feats": feats, "z": [self.projector(f) for f in feats]}
-
     def forward_views(self, views):
-        n = self.networks(views)
+        n = self.project_two_views(views)
         z1, z2 = n["z"]
         m = self.cfg.method
         loss, terms = vicreg_loss(z1, z2, gather_with_grad(z1), gather_with_grad(z2), float(m.sim_coeff),
@@ -39,4 +34,4 @@ class VICReg(SSLMethod):
 
     def network_floor(self, views: list[torch.Tensor]) -> None:
         """tools/bench.py's floor: backbone and expander forward + backward on each view."""
-        sum(z.float().sum() for z in self.networks(views)["z"]).backward()
+        sum(z.float().sum() for z in self.project_two_views(views)["z"]).backward()
