@@ -12,6 +12,7 @@ stops both with one message, and that the online kNN over per-rank banks equals 
 """
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,9 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from ssl_vision.config import conf_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from gather_check import sgd_step  # noqa: E402 - the GPU lane's step (tools/gather_check.py), compared here too
 
 B = 8
 COMMON = ["data=synthetic", "data.image_size=16", "backbone=vit_tiny", "backbone.patch_size=4",
@@ -51,7 +55,6 @@ def fixed_inputs():
 def one_step(name, rank=0, world=1):
     """One SGD step of ``name`` on this rank's share of the fixed batch; returns (loss, state)."""
     from ssl_vision.methods import build_method, mae
-    from ssl_vision.methods.base import ema_update
 
     views, noise = fixed_inputs()
     n = B // world
@@ -67,20 +70,7 @@ def one_step(name, rank=0, world=1):
         out = model.forward_views(local)
     finally:
         mae.random_masking = original
-    params = [p for p in model.parameters() if p.requires_grad]
-    out["loss"].backward()
-    loss = out["loss"].detach()
-    if world > 1:  # what DDP does: average the gradients (and, for the report, the losses)
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= world
-        dist.all_reduce(loss)
-        loss /= world
-    torch.optim.SGD(params, lr=0.5).step()
-    for online, target in model._momentum_pairs:
-        ema_update(online, target, 0.9)
+    loss = sgd_step(model, out["loss"], world)  # what DDP does: gradients (and the loss) averaged over the ranks
     return loss, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -392,7 +382,6 @@ def one_step_new(name, rank=0, world=1, per_rank=False):
     import importlib
 
     from ssl_vision.methods import build_method
-    from ssl_vision.methods.base import ema_update
 
     g = torch.Generator().manual_seed(7)
     sizes = (16, 16, 8, 8) if name == "dino" else (16, 16)
@@ -414,21 +403,7 @@ def one_step_new(name, rank=0, world=1, per_rank=False):
     finally:
         if per_rank:
             setattr(module, gather, original)
-    params = [p for p in model.parameters() if p.requires_grad]
-    out["loss"].backward()
-    loss = out["loss"].detach()
-    if world > 1:
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= world
-        dist.all_reduce(loss)
-        loss /= world
-    model.on_before_optimizer_step(None)  # DINO: per-parameter clipping (and last-layer freeze when set)
-    torch.optim.SGD(params, lr=0.5).step()
-    for online, target in model._momentum_pairs:
-        ema_update(online, target, 0.9)
+    loss = sgd_step(model, out["loss"], world)  # DINO: with its per-parameter clipping (and last-layer freeze)
     return loss, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

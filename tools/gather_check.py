@@ -109,8 +109,6 @@ def fixed_views(model, batch: int, image_size: int) -> tuple[list[torch.Tensor],
 def one_step(model, views, indexes, device, bn: str = "eval", rank: int = 0, world: int = 1):
     """One SGD step of ``model`` (moved to ``device``) on this rank's share of ``views``: (loss, state dict)
     on the CPU. With ``world > 1`` a process group must exist; gradients and the loss are averaged over it."""
-    from ssl_vision.methods.base import ema_update
-
     model = model.to(device)
     if bn == "sync":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -129,9 +127,19 @@ def one_step(model, views, indexes, device, bn: str = "eval", rank: int = 0, wor
         out = model.forward_views(local)
     finally:
         model._batch_keys = None
+    loss = sgd_step(model, out["loss"], world)
+    return loss.cpu(), {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def sgd_step(model, loss: torch.Tensor, world: int = 1) -> torch.Tensor:
+    """Backward of ``loss``, the gradients averaged over ``world`` ranks as DDP does (a process group must exist
+    for ``world > 1``), the method's ``on_before_optimizer_step``, one SGD step (lr 0.5) and the EMA updates
+    (0.9): the step the equivalence checks compare. Returns the loss, averaged over the ranks."""
+    from ssl_vision.methods.base import ema_update
+
     params = [p for p in model.parameters() if p.requires_grad]
-    out["loss"].backward()
-    loss = out["loss"].detach().float()
+    loss.backward()
+    loss = loss.detach().float()
     if world > 1:  # what DDP does: average the gradients (and, for the report, the losses)
         for p in params:
             if p.grad is None:
@@ -145,7 +153,7 @@ def one_step(model, views, indexes, device, bn: str = "eval", rank: int = 0, wor
     optimizer.step()
     for online, target in model._momentum_pairs:
         ema_update(online, target, 0.9)
-    return loss.cpu(), {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return loss
 
 
 def difference(a, b, rtol: float, atol: float) -> dict:
