@@ -476,13 +476,13 @@ class ProbeCrops(nn.Module):
 
 def build_augment(acfg, size: int, mean, std, seed: int = 0) -> MultiViewAugment:
     """From the ``augment`` config: ``views`` maps view name -> settings (missing keys: ``all_views``,
-    then the defaults)."""
+    then the defaults); a view set to null is left out (e.g. DINO's local views in a 2-crop recipe)."""
     from omegaconf import OmegaConf
 
     def plain(node):
         return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node or {})
 
-    views = plain(acfg.views)
+    views = {name: v for name, v in plain(acfg.views).items() if v is not None}
     base = plain(acfg.get("all_views") or {})
     merged = {name: {**base, **(v or {})} for name, v in views.items()}
     return MultiViewAugment(size, merged, mean, std, seed)

@@ -163,6 +163,13 @@ def test_views_have_configured_shape_dtype_and_range(make_cfg):
     assert not torch.allclose(views[0], views[1])  # two random views of the same images differ
 
 
+def test_a_view_set_to_null_is_left_out(make_cfg):
+    """digits DINO nulls 4 of dino.yaml's 8 local views: training and ssl-vision-views see 2 x 32 + 4 x 16 px."""
+    aug = build_augment(make_cfg("method=dino").augment, 32, MEAN, STD)
+    assert aug.names == ["global1", "global2", "local1", "local2", "local3", "local4"]
+    assert aug.sizes == [32, 32, 16, 16, 16, 16] and aug.num_global == 2
+
+
 def test_simclr_defaults_follow_the_paper(make_cfg):
     assert list(make_cfg().augment.all_views.crop_scale) == [0.4, 1.0]  # digits: 8x8 images, larger crops
     v = make_cfg("data=synthetic").augment.all_views

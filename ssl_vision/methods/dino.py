@@ -19,11 +19,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from timm.layers import DropPath
 from torch import nn
 
-from ..augment import build_augment
 from ..config import ConfigError
 from ..distributed import gather_no_grad, world_size
 from ..losses import dino_loss
@@ -91,11 +89,7 @@ def multicrop(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
 class DINO(SSLMethod):
     def __init__(self, cfg, num_classes: int):
         super().__init__(cfg, num_classes)
-        m, a, d = self.cfg.method, self.cfg.augment, self.cfg.data
-        if any(v is None for v in a.views.values()):  # a recipe without local crops sets dino.yaml's to null
-            views = OmegaConf.create({"views": {k: v for k, v in a.views.items() if v is not None},
-                                      "all_views": a.get("all_views") or {}})
-            self.augment = build_augment(views, int(d.image_size), list(d.mean), list(d.std), int(self.cfg.get("seed", 0)))
+        m, d = self.cfg.method, self.cfg.data
         if self.augment.num_global != 2:  # the reference's teacher output is chunked into 2 global views
             raise ConfigError(f"augment.views: DINO's teacher takes 2 global views (size = data.image_size "
                               f"{d.image_size}), got {self.augment.num_global} of {self.augment.names}; give the "
