@@ -52,18 +52,31 @@ def fixed_inputs():
     return views, noise
 
 
-def one_step(name, rank=0, world=1):
-    """One SGD step of ``name`` on this rank's share of the fixed batch; returns (loss, state)."""
-    from ssl_vision.methods import build_method, mae
-
-    views, noise = fixed_inputs()
+def rank_share(views, rank, world):
+    """This rank's B / world samples of every view."""
     n = B // world
-    local = [v[rank * n:(rank + 1) * n] for v in views]
+    return [v[rank * n:(rank + 1) * n] for v in views]
+
+
+def frozen_bn_model(overrides):
+    """The method of ``overrides`` (seeded), its BatchNorms on running statistics (the same on every rank)."""
+    from ssl_vision.methods import build_method
+
     torch.manual_seed(0)
-    model = build_method(make_cfg(METHODS[name]), num_classes=0)
+    model = build_method(make_cfg(overrides), num_classes=0)
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
+    return model
+
+
+def one_step(name, rank=0, world=1):
+    """One SGD step of ``name`` on this rank's share of the fixed batch; returns (loss, state)."""
+    from ssl_vision.methods import mae
+
+    views, noise = fixed_inputs()
+    n = B // world
+    local, model = rank_share(views, rank, world), frozen_bn_model(METHODS[name])
     original = mae.random_masking
     mae.random_masking = lambda x, ratio, **kw: original(x, ratio, noise=noise[rank * n:(rank + 1) * n])
     try:
@@ -381,18 +394,10 @@ def one_step_new(name, rank=0, world=1, per_rank=False):
     replaced by the identity (statistics of this rank's samples only)."""
     import importlib
 
-    from ssl_vision.methods import build_method
-
     g = torch.Generator().manual_seed(7)
     sizes = (16, 16, 8, 8) if name == "dino" else (16, 16)
     views = [torch.randn(B, 3, s, s, generator=g) for s in sizes]
-    n = B // world
-    local = [v[rank * n:(rank + 1) * n] for v in views]
-    torch.manual_seed(0)
-    model = build_method(make_cfg(NEW_METHODS[name]), num_classes=0)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
+    local, model = rank_share(views, rank, world), frozen_bn_model(NEW_METHODS[name])
     module = importlib.import_module(f"ssl_vision.methods.{name}")
     gather = PER_RANK_GATHER.get(name)
     original = getattr(module, gather) if gather else None
