@@ -306,7 +306,7 @@ class SSLMethod(L.LightningModule, abc.ABC):
             views, labels = self._stand_in(views)
         out = self.forward_views(views)
         self.log_collapse_diagnostics(out)
-        if self.online_knn is not None and self.online_knn.due(self.current_epoch):
+        if self._online_knn_due():
             self.online_knn.add_bank(out["feats"], labels)  # the first view's features: no extra pass
         loss = out["loss"]
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=images)
@@ -348,7 +348,7 @@ class SSLMethod(L.LightningModule, abc.ABC):
     def features_needed(self) -> bool:
         """Whether this training step reads the backbone features of the first view (the online probe, or the
         online kNN's bank): a method that computes them only for these (MAE) skips them otherwise."""
-        return self.probe_due() or (self.online_knn is not None and self.online_knn.due(self.current_epoch))
+        return self.probe_due() or self._online_knn_due()
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.probe is not None and not self.probe_due():
@@ -404,7 +404,7 @@ class SSLMethod(L.LightningModule, abc.ABC):
 
     # --- online kNN (ssl_vision/online_knn.py): bank from the training steps, queries from validation ------
     def _online_knn_due(self) -> bool:
-        return self.online_knn is not None and not self.trainer.sanity_checking \
+        return self.online_knn is not None and not (self._trainer is not None and self.trainer.sanity_checking) \
             and self.online_knn.due(self.current_epoch)
 
     def on_train_epoch_start(self) -> None:
