@@ -8,6 +8,7 @@ import math
 
 import torch
 from torch import nn
+from torch.optim.sgd import sgd as sgd_update  # torch's functional SGD (fused=True: one kernel)
 
 from .config import ConfigError
 
@@ -38,7 +39,9 @@ class LARS(torch.optim.Optimizer):
 
     The update runs on whole groups with ``torch._foreach_*`` ops and needs no host sync: a
     constant number of kernel launches per group, plus one multiply per tensor (``s`` is a device
-    scalar per tensor; torch's fused lists take host scalars only, which would cost a sync).
+    scalar per tensor; torch's fused lists take host scalars only, which would cost a sync). The
+    scaled update is written into ``p.grad`` (no new tensor per weight), and the momentum and weight
+    update is torch's fused SGD kernel (``torch.optim.sgd.sgd``, ``fused=True``) with lr and momentum only.
     """
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, trust="moco_v3",
@@ -72,29 +75,40 @@ class LARS(torch.optim.Optimizer):
     def _update(self, group: dict, params: list) -> None:
         grads = [p.grad for p in params]
         wd = float(group["weight_decay"])
-        # out of place: p.grad stays the raw gradient
-        update = torch._foreach_add(grads, params, alpha=wd) if wd else torch._foreach_mul(grads, 1.0)
+        scale = None
+        if not group["lars_exclude"] and group["trust"] == "solo_learn":  # its trust needs the raw ||g||
+            scale = self._scale(group, params, grads)
+        # in place: p.grad becomes the update u = s * (g + wd * w) (Lightning zeroes it after the step);
+        # a new tensor per parameter would cost a page-faulted allocation of every weight each step
+        if wd:
+            torch._foreach_add_(grads, params, alpha=wd)
         if not group["lars_exclude"]:
-            scale = self._scale(group, params, grads, update)
-            torch._foreach_mul_(update, list(scale.unbind(0)))
+            if scale is None:
+                scale = self._scale(group, params, grads)
+            torch._foreach_mul_(grads, list(scale.unbind(0)))
+        # buf = momentum * buf + u (u itself at a tensor's first step); w -= lr * buf: torch's fused SGD
+        # kernel, one pass over w, u and buf (host scalars only: lr and momentum)
         state = [self.state[p] for p in params]
-        old = [i for i, st in enumerate(state) if "momentum_buffer" in st]
-        if old:
-            bufs = [state[i]["momentum_buffer"] for i in old]
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, [update[i] for i in old])
-        for st, u in zip(state, update):  # a tensor's first step: its buffer is the update itself
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.clone(u).detach()
-        torch._foreach_add_(params, [st["momentum_buffer"] for st in state], alpha=-group["lr"])
+        for first in (False, True):
+            idx = [i for i, st in enumerate(state) if ("momentum_buffer" in st) != first]
+            if not idx:
+                continue
+            bufs = [None if first else state[i]["momentum_buffer"] for i in idx]
+            sgd_update([params[i] for i in idx], [grads[i] for i in idx], bufs, fused=True,
+                                weight_decay=0.0, momentum=float(group["momentum"]), lr=float(group["lr"]),
+                                dampening=0.0, nesterov=False, maximize=False)
+            for i, buf in zip(idx, bufs):
+                if buf is not None:  # None: momentum 0 keeps no buffer
+                    state[i]["momentum_buffer"] = buf
 
     @staticmethod
-    def _scale(group: dict, params: list, grads: list, update: list) -> torch.Tensor:
-        """Per-tensor factor (N,) that multiplies ``update = g + wd * w`` (see the class docstring)."""
+    def _scale(group: dict, params: list, grads: list) -> torch.Tensor:
+        """Per-tensor factor (N,) that multiplies ``update = g + wd * w`` (see the class docstring); ``grads``:
+        the update ``g + wd * w`` for ``trust="moco_v3"``, the raw gradient ``g`` for ``"solo_learn"``."""
         wd, eta = float(group["weight_decay"]), float(group["eta"])
         w_norm = torch.stack(torch._foreach_norm(params))
         if group["trust"] == "moco_v3":
-            u_norm = torch.stack(torch._foreach_norm(update))
+            u_norm = torch.stack(torch._foreach_norm(grads))
             scale = eta * w_norm / u_norm
             if group["clip_lr"]:
                 scale = torch.clamp(scale / group["lr"], max=1.0)
@@ -124,17 +138,27 @@ def scaled_lr(base_lr: float, global_batch: int, scale: bool = True) -> float:
     return base_lr * global_batch / 256 if scale else base_lr
 
 
+def fused(groups: list[dict]) -> bool | None:
+    """torch's fused SGD / AdamW kernels (one pass over weight, gradient and state per step, where the
+    default for-each implementation makes several; the CPU's default is a per-tensor loop) when every
+    parameter is a floating-point tensor on a device that has them; None: torch's default."""
+    params = [p for g in groups for p in g["params"]]
+    ok = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
+    return True if params and ok else None
+
+
 def build_optimizer(ocfg, groups: list[dict]) -> torch.optim.Optimizer:
     """``groups``: dicts with ``params``, ``lr``, ``weight_decay`` and optionally ``lars_exclude``."""
     name = ocfg.name
     if name == "sgd":
         for g in groups:
             g.pop("lars_exclude", None)
-        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=ocfg.get("momentum", 0.9))
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=ocfg.get("momentum", 0.9), fused=fused(groups))
     if name == "adamw":
         for g in groups:
             g.pop("lars_exclude", None)
-        return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=tuple(ocfg.get("betas", (0.9, 0.999))))
+        return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=tuple(ocfg.get("betas", (0.9, 0.999))),
+                                 fused=fused(groups))
     if name == "lars":
         return LARS(groups, lr=groups[0]["lr"], momentum=ocfg.get("momentum", 0.9), eta=ocfg.get("eta", 0.001),
                     trust=ocfg.get("lars_trust", "moco_v3"), clip_lr=bool(ocfg.get("clip_lr", False)))

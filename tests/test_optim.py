@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -148,12 +150,17 @@ def test_a_tensor_that_joins_later_starts_its_own_momentum_and_keeps_the_others(
     assert torch.allclose(opt.state[b]["momentum_buffer"], torch.full((2, 2), trust_b * 0.25))
 
 
-def test_lars_keeps_the_raw_gradient_and_loads_old_optimizer_states():
+def test_lars_leaves_the_applied_update_in_the_gradient_and_loads_old_optimizer_states():
+    """The step writes u = s * (g + wd * w) into p.grad (no new tensor per weight): at the first step
+    (buffer = u) w moves by exactly lr * p.grad."""
     w = torch.nn.Parameter(torch.ones(3, 2))
     w.grad = torch.full((3, 2), 0.5)
     opt = LARS([w], lr=0.1, weight_decay=0.1, eta=0.02, trust="solo_learn", clip_lr=True)
     opt.step()
-    assert torch.equal(w.grad, torch.full((3, 2), 0.5))
+    trust = 0.02 * math.sqrt(6) / (0.5 * math.sqrt(6) + 0.1 * math.sqrt(6) + 1e-8)
+    update = min(trust / 0.1, 1.0) * (0.5 + 0.1 * 1.0)
+    assert torch.allclose(w.grad, torch.full((3, 2), update))
+    assert torch.allclose(w.detach(), torch.full((3, 2), 1 - 0.1 * update))
     state = opt.state_dict()
     for group in state["param_groups"]:  # a state saved before lars_trust / clip_lr existed
         for key in ("trust", "clip_lr", "eps", "lars_exclude"):
@@ -162,6 +169,26 @@ def test_lars_keeps_the_raw_gradient_and_loads_old_optimizer_states():
     fresh.load_state_dict(state)
     assert fresh.param_groups[0]["trust"] == "moco_v3" and fresh.param_groups[0]["clip_lr"] is False
     fresh.step()
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_lars_tensor_joining_later_starts_its_own_buffer(momentum):
+    """A weight without a gradient at the first step (e.g. DINO's frozen last layer) starts its momentum
+    buffer at its own first step while the others continue theirs; momentum 0 keeps no buffer."""
+    g = torch.Generator().manual_seed(1)
+    a0, b0 = torch.randn(5, 3, generator=g), torch.randn(4, 2, generator=g)
+    grads = [(torch.randn(5, 3, generator=g), None), (torch.randn(5, 3, generator=g), torch.randn(4, 2, generator=g))]
+    a, b = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
+    opt = LARS([a, b], lr=0.3, momentum=momentum, weight_decay=1e-3, eta=0.02, trust="moco_v3")
+    ref_a, ref_b, mu_a, mu_b = a0, b0, None, None
+    for ga, gb in grads:
+        a.grad, b.grad = ga.clone(), None if gb is None else gb.clone()
+        opt.step()
+        ref_a, mu_a = moco_v3_reference(ref_a, ga, mu_a, 0.3, 1e-3, 0.02, False, momentum=momentum)
+        if gb is not None:
+            ref_b, mu_b = moco_v3_reference(ref_b, gb, mu_b, 0.3, 1e-3, 0.02, False, momentum=momentum)
+    assert torch.allclose(a.detach(), ref_a, atol=1e-6) and torch.allclose(b.detach(), ref_b, atol=1e-6)
+    assert ("momentum_buffer" in opt.state[b]) == (momentum > 0)
 
 
 class OpCounter(TorchDispatchMode):
@@ -192,6 +219,29 @@ def test_lars_step_dispatches_a_fixed_number_of_ops_whatever_the_number_of_tenso
     few, many = ops_of_second_step(3), ops_of_second_step(40)
     assert len(few) == len(many) < 40, many  # the per-tensor loop: ~10 x 40
     assert any("_foreach_norm" in op for op in many)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_built_sgd_and_adamw_are_fused_and_step_as_torch_default(make_cfg, name):
+    """build_optimizer's SGD / AdamW use torch's fused kernels; three steps equal the per-tensor loop's."""
+    cfg = make_cfg("method=simclr", f"optimizer.name={name}")
+    g = torch.Generator().manual_seed(3)
+    start = [torch.randn(6, 4, generator=g), torch.randn(4, generator=g)]
+    grads = [[torch.randn(6, 4, generator=g), torch.randn(4, generator=g)] for _ in range(3)]
+    params = {k: [torch.nn.Parameter(x.clone()) for x in start] for k in ("ours", "loop")}
+    groups = lambda ps: [{"params": ps[:1], "lr": 0.1, "weight_decay": 0.05},  # noqa: E731
+                         {"params": ps[1:], "lr": 0.1, "weight_decay": 0.0}]
+    ours = build_optimizer(cfg.optimizer, groups(params["ours"]))
+    cls, extra = (torch.optim.SGD, {"momentum": 0.9}) if name == "sgd" else (torch.optim.AdamW, {})
+    loop = cls(groups(params["loop"]), lr=0.1, foreach=False, **extra)
+    assert ours.defaults["fused"] is True
+    for step in grads:
+        for opt, ps in ((ours, params["ours"]), (loop, params["loop"])):
+            for p, grad in zip(ps, step):
+                p.grad = grad.clone()
+            opt.step()
+    for a, b in zip(params["ours"], params["loop"]):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_build_optimizer_passes_the_lars_variant_and_rejects_unknown_values(make_cfg):
