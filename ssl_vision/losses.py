@@ -199,6 +199,57 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, z1_all: torch.Tensor | None 
     return loss, {"invariance": inv.detach(), "variance": var.detach(), "covariance": cov.detach()}
 
 
+class _DINOCrossEntropy(torch.autograd.Function):
+    """``mean over pairs (g, v != g) of mean_b -sum_k t_gbk log_softmax(s_vb / T)_k`` with its gradient
+    written out, for (V, B, K) logits with K = 65536 prototypes: autograd through ``log_softmax`` and an
+    einsum keeps four (V, B, K) tensors and makes about twice as many passes over them. With
+    ``sum_k t_gbk = 1`` the cross-entropy is ``lse(s_vb / T) - sum_k t_gbk s_vbk / T``, and its gradient
+    with respect to ``s_vbk`` is ``(n_v softmax(s_vb / T)_k - sum_{g != v} t_gbk) / (T B P)`` (n_v: the
+    teacher views paired with v, P the pairs). The forward keeps ``exp(s / T - max)`` in one (V, B, K)
+    buffer, which the backward turns into the gradient in place: that buffer is the only (V, B, K)
+    allocation, so the graph can be back-propagated once (as every training step does)."""
+
+    @staticmethod
+    def forward(ctx, student, targets, temp):
+        v, b, _ = student.shape
+        g = targets.shape[0]
+        probs = torch.empty_like(student)
+        sumexp = student.new_empty(v, b, 1)
+        lse = student.new_empty(v, b)
+        for i in range(v):  # one view at a time: (B, K) temporaries only
+            x = torch.div(student[i], temp, out=probs[i])
+            top = x.amax(-1, keepdim=True)
+            x.sub_(top).exp_()
+            torch.sum(x, -1, keepdim=True, out=sumexp[i])
+            lse[i] = sumexp[i, :, 0].log() + top[:, 0]
+        flat_s, flat_t = student.reshape(v, -1), targets.reshape(g, -1)
+        dot = torch.stack([torch.stack([torch.dot(flat_t[j], flat_s[i]) for i in range(v)]) for j in range(g)])
+        dot = dot / temp  # (G, V): sum_bk t_gbk s_vbk / T
+        ce = (lse.sum(1) - dot) / b  # (G, V) batch-mean cross-entropy
+        same = torch.eye(g, v, dtype=torch.bool, device=ce.device)  # teacher view g vs student view g
+        ctx.save_for_backward(probs, sumexp, targets)
+        ctx.temp, ctx.used = temp, False
+        return ce.masked_fill(same, 0).sum() / (g * v - g)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.used:
+            raise RuntimeError("dino_loss: its backward reuses the forward's buffer and runs once per graph")
+        ctx.used = True
+        probs, sumexp, targets = ctx.saved_tensors
+        v, b, _ = probs.shape
+        g = targets.shape[0]
+        scale = grad / ((g * v - g) * b * ctx.temp)
+        total = targets.sum(0)  # the teacher views paired with a local view
+        for i in range(v):  # in place, same-shape or per-row operands only
+            x = probs[i].mul_((g - 1 if i < g else g) / sumexp[i])  # n_v softmax
+            x.sub_(total)
+            if i < g:  # a global view is not paired with its own teacher view
+                x.add_(targets[i])
+            x.mul_(scale)
+        return probs, None, None
+
+
 @float32
 def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, student_temp: float,
               teacher_temp: float) -> torch.Tensor:
@@ -208,11 +259,8 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor
     logits of the G global views (no gradient); center: (1, K). The teacher's targets are
     ``softmax((t - center) / teacher_temp)``, the student's ``log_softmax(s / student_temp)``; the loss
     is the mean over the ``G * V - G`` pairs (teacher view g, student view v != g) of the batch mean of
-    ``-sum_k t_k log s_k``, as facebookresearch/dino main_dino.py ``DINOLoss.forward``.
+    ``-sum_k t_k log s_k``, as facebookresearch/dino main_dino.py ``DINOLoss.forward``. The value and
+    gradient are computed by ``_DINOCrossEntropy`` (the same formula, fewer passes over the logits).
     """
     targets = F.softmax((teacher.detach() - center) / teacher_temp, dim=-1)
-    log_probs = F.log_softmax(student / student_temp, dim=-1)
-    ce = -torch.einsum("gbk,vbk->gv", targets, log_probs) / student.shape[1]  # (G, V) batch-mean CE
-    g, v = ce.shape
-    same = torch.eye(g, v, dtype=torch.bool, device=ce.device)  # teacher view g vs student view g
-    return ce.masked_fill(same, 0).sum() / (g * v - g)
+    return _DINOCrossEntropy.apply(student, targets, student_temp)

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -210,6 +211,24 @@ def test_dino_loss_matches_the_reference_over_pairs_of_different_views():
     # only global views: the 2 cross pairs
     expected = reference_dino(student[:2], teacher, center, 0.1, 0.04)
     assert abs(float(dino_loss(student[:2], teacher, center, 0.1, 0.04)) - expected) < 1e-4
+
+
+def test_dino_loss_gradient_equals_autograd_through_the_pseudocode():
+    """dino_loss's written-out backward: the gradient autograd takes through Alg. 1 (log_softmax, pairs)."""
+    teacher, center = _rand(2, 5, 7, seed=23), _rand(1, 7, seed=24) * 0.1
+    for views in (6, 2):
+        student = _rand(views, 5, 7, seed=22)[:views].double().requires_grad_()
+        (3.0 * dino_loss(student, teacher.double(), center.double(), 0.1, 0.04)).backward()
+        ref = student.detach().clone().requires_grad_()
+        q = torch.softmax((teacher.double() - center.double()) / 0.04, dim=-1)
+        logp = torch.log_softmax(ref / 0.1, dim=-1)
+        pairs = [-(q[g] * logp[v]).sum(-1).mean() for g in range(2) for v in range(views) if v != g]
+        (3.0 * torch.stack(pairs).mean()).backward()
+        assert torch.allclose(student.grad, ref.grad, atol=1e-10), views
+    with pytest.raises(RuntimeError, match="runs once per graph"):
+        loss = dino_loss(_rand(3, 4, 6, seed=25).requires_grad_(), _rand(2, 4, 6, seed=26), torch.zeros(1, 6), 0.1, 0.04)
+        loss.backward(retain_graph=True)
+        loss.backward()
 
 
 def test_dino_loss_does_not_train_the_teacher():

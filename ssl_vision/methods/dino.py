@@ -145,9 +145,10 @@ class DINO(SSLMethod):
         super().on_before_optimizer_step(optimizer)
         clip = float(self.cfg.method.clip_grad)
         student = list(self.student_backbone.parameters()) + list(self.head.parameters())
-        for p in student:  # utils.clip_gradients: each parameter's gradient norm on its own
-            if clip > 0 and p.grad is not None:
-                p.grad.mul_((clip / (p.grad.norm() + 1e-6)).clamp(max=1.0))
+        grads = [p.grad for p in student if p.grad is not None]
+        if clip > 0 and grads:  # utils.clip_gradients: each parameter's gradient norm on its own
+            factors = torch.clamp(clip / (torch.stack(torch._foreach_norm(grads)) + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, list(factors.unbind(0)))
         if self.current_epoch < int(self.cfg.method.freeze_last_layer):  # utils.cancel_gradients_last_layer
             for p in self.head.last_layer.parameters():
                 p.grad = None
