@@ -64,6 +64,9 @@ def fixed_problem():
     return weights, steps, biases, bias_steps
 
 
+HOST_SCALARS = pytest.mark.parametrize("host", [True, False], ids=["host-scalars", "device-scalars"])
+
+
 def run_lars(weights, steps, biases, bias_steps, lrs, wd, **kwargs):
     w = [torch.nn.Parameter(x.clone()) for x in weights]
     b = [torch.nn.Parameter(x.clone()) for x in biases]
@@ -79,10 +82,12 @@ def run_lars(weights, steps, biases, bias_steps, lrs, wd, **kwargs):
 
 
 @pytest.mark.parametrize("clip", [True, False])
-def test_lars_solo_learn_formula_with_and_without_clipping(clip):
+@HOST_SCALARS
+def test_lars_solo_learn_formula_with_and_without_clipping(clip, host):
     weights, steps, biases, bias_steps = fixed_problem()
     lrs, wd, eta = [0.4, 0.2], 1e-4, 0.02
-    got_w, got_b = run_lars(weights, steps, biases, bias_steps, lrs, wd, eta=eta, trust="solo_learn", clip_lr=clip)
+    got_w, got_b = run_lars(weights, steps, biases, bias_steps, lrs, wd, eta=eta, trust="solo_learn", clip_lr=clip,
+                            host_scalars=host)
     for i, p in enumerate(weights):
         buf = None
         for lr, gw in zip(lrs, steps):
@@ -101,13 +106,15 @@ def test_lars_solo_learn_formula_with_and_without_clipping(clip):
     assert torch.equal(got_w[3], weights[3])
 
 
-def test_clipped_step_is_min_of_trust_and_lr_times_the_update():
+@HOST_SCALARS
+def test_clipped_step_is_min_of_trust_and_lr_times_the_update(host):
     """solo-learn's clip_lr: one step moves w by min(trust, lr) * (g + wd w), unclipped by lr * trust * (g + wd w)."""
     weights, steps, biases, bias_steps = fixed_problem()
     lr, wd, eta = 0.4, 1e-4, 0.02
-    clipped, _ = run_lars(weights, steps[:1], biases, bias_steps[:1], [lr], wd, eta=eta, trust="solo_learn",
+    clipped, _ = run_lars(weights, steps[:1], biases, bias_steps[:1], [lr], wd, eta=eta, trust="solo_learn", host_scalars=host,
                           clip_lr=True)
-    plain, _ = run_lars(weights, steps[:1], biases, bias_steps[:1], [lr], wd, eta=eta, trust="solo_learn")
+    plain, _ = run_lars(weights, steps[:1], biases, bias_steps[:1], [lr], wd, eta=eta, trust="solo_learn",
+                        host_scalars=host)
     for i in range(3):
         w, g = weights[i], steps[0][i]
         trust = eta * float(w.norm()) / (float(g.norm()) + wd * float(w.norm()) + 1e-8)
@@ -117,10 +124,11 @@ def test_clipped_step_is_min_of_trust_and_lr_times_the_update():
     assert not torch.allclose(clipped[0], plain[0])
 
 
-def test_lars_moco_v3_formula():
+@HOST_SCALARS
+def test_lars_moco_v3_formula(host):
     weights, steps, biases, bias_steps = fixed_problem()
     lrs, wd, eta = [0.6, 0.3], 1e-6, 0.001
-    got_w, got_b = run_lars(weights, steps, biases, bias_steps, lrs, wd, eta=eta, trust="moco_v3")
+    got_w, got_b = run_lars(weights, steps, biases, bias_steps, lrs, wd, eta=eta, trust="moco_v3", host_scalars=host)
     for i, p in enumerate(weights):
         mu = None
         for lr, gw in zip(lrs, steps):
@@ -150,16 +158,18 @@ def test_a_tensor_that_joins_later_starts_its_own_momentum_and_keeps_the_others(
     assert torch.allclose(opt.state[b]["momentum_buffer"], torch.full((2, 2), trust_b * 0.25))
 
 
-def test_lars_leaves_the_applied_update_in_the_gradient_and_loads_old_optimizer_states():
-    """The step writes u = s * (g + wd * w) into p.grad (no new tensor per weight): at the first step
-    (buffer = u) w moves by exactly lr * p.grad."""
+@HOST_SCALARS
+def test_lars_first_step_and_loading_old_optimizer_states(host):
+    """One step from a zero buffer moves w by lr * s * (g + wd * w) (solo-learn's clipped s); on the
+    device-scalar path the step leaves that update in p.grad (no new tensor per weight)."""
     w = torch.nn.Parameter(torch.ones(3, 2))
     w.grad = torch.full((3, 2), 0.5)
-    opt = LARS([w], lr=0.1, weight_decay=0.1, eta=0.02, trust="solo_learn", clip_lr=True)
+    opt = LARS([w], lr=0.1, weight_decay=0.1, eta=0.02, trust="solo_learn", clip_lr=True, host_scalars=host)
     opt.step()
     trust = 0.02 * math.sqrt(6) / (0.5 * math.sqrt(6) + 0.1 * math.sqrt(6) + 1e-8)
     update = min(trust / 0.1, 1.0) * (0.5 + 0.1 * 1.0)
-    assert torch.allclose(w.grad, torch.full((3, 2), update))
+    if not host:
+        assert torch.allclose(w.grad, torch.full((3, 2), update))
     assert torch.allclose(w.detach(), torch.full((3, 2), 1 - 0.1 * update))
     state = opt.state_dict()
     for group in state["param_groups"]:  # a state saved before lars_trust / clip_lr existed
@@ -171,15 +181,16 @@ def test_lars_leaves_the_applied_update_in_the_gradient_and_loads_old_optimizer_
     fresh.step()
 
 
+@HOST_SCALARS
 @pytest.mark.parametrize("momentum", [0.9, 0.0])
-def test_lars_tensor_joining_later_starts_its_own_buffer(momentum):
+def test_lars_tensor_joining_later_starts_its_own_buffer(momentum, host):
     """A weight without a gradient at the first step (e.g. DINO's frozen last layer) starts its momentum
     buffer at its own first step while the others continue theirs; momentum 0 keeps no buffer."""
     g = torch.Generator().manual_seed(1)
     a0, b0 = torch.randn(5, 3, generator=g), torch.randn(4, 2, generator=g)
     grads = [(torch.randn(5, 3, generator=g), None), (torch.randn(5, 3, generator=g), torch.randn(4, 2, generator=g))]
     a, b = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
-    opt = LARS([a, b], lr=0.3, momentum=momentum, weight_decay=1e-3, eta=0.02, trust="moco_v3")
+    opt = LARS([a, b], lr=0.3, momentum=momentum, weight_decay=1e-3, eta=0.02, trust="moco_v3", host_scalars=host)
     ref_a, ref_b, mu_a, mu_b = a0, b0, None, None
     for ga, gb in grads:
         a.grad, b.grad = ga.clone(), None if gb is None else gb.clone()
@@ -203,12 +214,13 @@ class OpCounter(TorchDispatchMode):
 
 @pytest.mark.parametrize("trust", ["moco_v3", "solo_learn"])
 def test_lars_step_dispatches_a_fixed_number_of_ops_whatever_the_number_of_tensors(trust):
-    """One step issues group-wide torch._foreach_* ops: the op count does not grow with the tensors
-    (the per-parameter loop of the references dispatched ~10 ops per tensor)."""
+    """Off the CPU, one step issues group-wide torch._foreach_* ops: the op count does not grow with the
+    tensors (the per-parameter loop of the references dispatched ~10 ops per tensor)."""
 
     def ops_of_second_step(n):
         params = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(n)]
-        opt = LARS([{"params": params, "weight_decay": 1e-4}], lr=0.3, eta=0.02, trust=trust, clip_lr=True)
+        opt = LARS([{"params": params, "weight_decay": 1e-4}], lr=0.3, eta=0.02, trust=trust, clip_lr=True,
+                   host_scalars=False)
         for _ in range(2):
             for p in params:
                 p.grad = torch.randn_like(p)
