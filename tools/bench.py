@@ -37,7 +37,8 @@ For each method and backbone, in this process, on one device (``--device``; auto
   optimizer, EMA and logging add on top of the networks the method cannot do without.
 
 - host_syncs_per_step: the points of one more training iteration (after the timed ones, itself
-  untimed) where the host waits for a device value, by whose code asked for it. On the CPU a
+  untimed) where the host waits for a device value, by whose code asked for it. That iteration runs
+  the code a GPU runs: LARS with device-scalar trust ratios (its CPU path reads them on the host). On the CPU a
   ``TorchDispatchMode`` counts the operations that need one on a GPU (``_local_scalar_dense``, i.e.
   ``.item()`` / ``int()`` / ``bool()`` / ``if tensor``; ``nonzero``; boolean-mask indexing; ``unique``...);
   on a GPU ``torch.cuda.set_sync_debug_mode`` reports every synchronizing call (these, and blocking
@@ -82,6 +83,7 @@ from ssl_vision.config import conf_dir
 from ssl_vision.data import SSLDataModule
 from ssl_vision.devices import apply_device_defaults, device_name, device_trainer_kwargs
 from ssl_vision.methods import METHODS, build_method
+from ssl_vision.optim import LARS
 
 DEFAULT_RUNS = [("simclr", "resnet18"), ("moco_v2", "resnet18"), ("moco_v3", "resnet18"),
                 ("mae", "vit_tiny"), ("mae", "vit_small"), ("byol", "resnet18"), ("dino", "resnet18"),
@@ -279,6 +281,9 @@ class StepTimer(L.Callback):
             self.times.setdefault(name, []).append((self._now() - start) * 1e3)
         self._last = self._now()  # the next step's grads are zeroed by Lightning before its backward
         if self.counter is not None and batch_idx + 1 == self.count_step:
+            for opt in trainer.optimizers:  # count the path a GPU runs: LARS's host trust ratios are CPU-only
+                if isinstance(opt, LARS):
+                    opt.host_scalars = False
             self.counter.start()
 
 
