@@ -40,9 +40,9 @@ class LARS(torch.optim.Optimizer):
     The update runs on whole groups with ``torch._foreach_*`` ops and needs no host sync: a
     constant number of kernel launches per group, plus one multiply per tensor (``s`` is a device
     scalar per tensor; torch's fused lists take host scalars only, which would cost a sync). The
-    scaled update is written into ``p.grad`` (no new tensor per weight; so after the step ``p.grad`` is not
-    the raw gradient, on the CPU path below neither), and the momentum and weight update is
-    torch's fused SGD kernel (``torch.optim.sgd.sgd``, ``fused=True``) with lr and momentum only.
+    scaled update is written into ``p.grad`` (no new tensor per weight), and the momentum and weight
+    update is torch's fused SGD kernel (``torch.optim.sgd.sgd``, ``fused=True``) with lr and momentum
+    only. After a step ``p.grad`` is not the raw gradient (on either path).
 
     On the CPU (``host_scalars``, default: parameters on the CPU), where reading a value costs no
     sync, ``s`` is a host number per tensor and one fused kernel per tensor does the whole update
@@ -109,8 +109,8 @@ class LARS(torch.optim.Optimizer):
                 continue
             bufs = [None if first else state[i]["momentum_buffer"] for i in idx]
             sgd_update([params[i] for i in idx], [grads[i] for i in idx], bufs, fused=True,
-                                weight_decay=0.0, momentum=float(group["momentum"]), lr=float(group["lr"]),
-                                dampening=0.0, nesterov=False, maximize=False)
+                       weight_decay=0.0, momentum=float(group["momentum"]), lr=float(group["lr"]),
+                       dampening=0.0, nesterov=False, maximize=False)
             for i, buf in zip(idx, bufs):
                 if buf is not None:  # None: momentum 0 keeps no buffer
                     state[i]["momentum_buffer"] = buf
@@ -121,9 +121,10 @@ class LARS(torch.optim.Optimizer):
         g, wd, state = p.grad, float(group["weight_decay"]), self.state[p]
         s = 1.0 if group["lars_exclude"] else self._host_scale(group, p, g)
         bufs = [state.get("momentum_buffer")]
-        sgd_update([p], [g], bufs, fused=True, grad_scale=None if s == 1.0 else torch.tensor(1.0 / s if s else math.inf),
-                   weight_decay=s * wd, momentum=float(group["momentum"]), lr=float(group["lr"]), dampening=0.0,
-                   nesterov=False, maximize=False)
+        inverse = None if s == 1.0 else torch.tensor(1.0 / s if s else math.inf)  # the kernel divides g by it
+        sgd_update([p], [g], bufs, fused=True, grad_scale=inverse, weight_decay=s * wd,
+                   momentum=float(group["momentum"]), lr=float(group["lr"]), dampening=0.0, nesterov=False,
+                   maximize=False)
         if bufs[0] is not None:  # None: momentum 0 keeps no buffer
             state["momentum_buffer"] = bufs[0]
 
