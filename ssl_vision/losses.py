@@ -222,9 +222,7 @@ class _DINOCrossEntropy(torch.autograd.Function):
             x.sub_(top).exp_()
             torch.sum(x, -1, keepdim=True, out=sumexp[i])
             lse[i] = sumexp[i, :, 0].log() + top[:, 0]
-        flat_s, flat_t = student.reshape(v, -1), targets.reshape(g, -1)
-        dot = torch.stack([torch.stack([torch.dot(flat_t[j], flat_s[i]) for i in range(v)]) for j in range(g)])
-        dot = dot / temp  # (G, V): sum_bk t_gbk s_vbk / T
+        dot = targets.reshape(g, -1) @ student.reshape(v, -1).T / temp  # (G, V): sum_bk t_gbk s_vbk / T
         ce = (lse.sum(1) - dot) / b  # (G, V) batch-mean cross-entropy
         same = torch.eye(g, v, dtype=torch.bool, device=ce.device)  # teacher view g vs student view g
         ctx.save_for_backward(probs, sumexp, targets)

@@ -374,7 +374,13 @@ def test_each_method_trains_in_lightning(make_cfg, name):
 def test_collapse_diagnostics_are_logged_only_at_logging_steps(make_cfg, monkeypatch):
     calls, values = [], []
     real = base.rankme
-    monkeypatch.setattr(base, "rankme", lambda x: calls.append(tuple(x.shape)) or values.append(real(x)) or values[-1])
+
+    def recorded(x):
+        calls.append(tuple(x.shape))
+        values.append(real(x))
+        return values[-1]
+
+    monkeypatch.setattr(base, "rankme", recorded)
     model = build_method(make_cfg(*SMALL["byol"], *DATA), 4)
     trainer = fit(model, steps=5, log_every_n_steps=2)
     # steps 2 and 4 of 5 are written (global_step + 1 divisible by 2): features and embedding each time
